@@ -15,16 +15,24 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 NBDEV_WORKERS ?= 2
 
-.PHONY: demo test lab export sync-check nbtest pytest clean-runs
+.PHONY: venv demo test lab export sync-check nbtest pytest clean-runs
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@if [ -n "$(TORCH_INDEX)" ]; then $(PIP) install --quiet --index-url $(TORCH_INDEX) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) torch; fi
-	$(PIP) install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
-	@touch $(STAMP)
+# Installs when .venv is missing or pyproject.toml/constraints changed in content (nbdev-export rewrites
+# pyproject.toml in place, so modification times would trigger needless reinstalls).
+venv:
+	@h=$$(cat pyproject.toml $(CONSTRAINTS) | md5sum); \
+	if [ ! -x $(BIN)/python ] || [ "$$(cat $(STAMP) 2>/dev/null)" != "$$h" ]; then \
+	  set -e; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	  if [ -n "$(TORCH_INDEX)" ]; then $(PIP) install --quiet --index-url $(TORCH_INDEX) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) torch; fi; \
+	  echo "installing robustbench_lab[dev] into $(VENV)"; \
+	  $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]" > $(VENV)/install.log 2>&1 \
+	    || { tail -40 $(VENV)/install.log; echo "pip install failed; full log in $(VENV)/install.log"; exit 1; }; \
+	  $(BIN)/python -c "import robustbench_lab, torch, papermill, pyautoattack" ; \
+	  echo "$$h" > $(STAMP); \
+	fi
 
 DEMO_DIR ?= runs/demo
-demo: $(STAMP)
+demo: venv
 	@mkdir -p $(DEMO_DIR)
 	$(BIN)/papermill --cwd nbs nbs/01_data.ipynb $(DEMO_DIR)/01_data.ipynb
 	$(BIN)/papermill --cwd nbs nbs/02_models.ipynb $(DEMO_DIR)/02_models.ipynb
@@ -35,7 +43,7 @@ demo: $(STAMP)
 	@echo "demo: executed notebooks and report in $(DEMO_DIR)/"
 
 # The library must be exactly what the notebooks export: export, and fail if that changed anything.
-sync-check: $(STAMP)
+sync-check: venv
 	@before=$$(find robustbench_lab -name '*.py' | sort | xargs md5sum | md5sum); \
 	$(BIN)/nbdev-export; \
 	after=$$(find robustbench_lab -name '*.py' | sort | xargs md5sum | md5sum); \
@@ -44,21 +52,21 @@ sync-check: $(STAMP)
 	  git status --short -- robustbench_lab 2>/dev/null; exit 1; \
 	fi; echo "robustbench_lab/ matches the notebooks."
 
-nbtest: $(STAMP)
-	$(BIN)/nbdev-test --n_workers $(NBDEV_WORKERS) --timing
+nbtest: venv
+	$(BIN)/nbdev-test --n-workers $(NBDEV_WORKERS) --timing
 
-pytest: $(STAMP)
+pytest: venv
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # pytest runs last so that its summary line ends the output
-test: $(STAMP)
+test: venv
 	$(MAKE) --no-print-directory sync-check
 	$(MAKE) --no-print-directory nbtest
 	$(MAKE) --no-print-directory pytest
 
-lab: $(STAMP)
+lab: venv
 	$(BIN)/jupyter lab
 
-export: $(STAMP)
+export: venv
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean

@@ -81,7 +81,7 @@ def test_tinyimagenet_folder_layout_and_cache(tmp_path):
         for i in (0, 2, 10):
             arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
             Image.fromarray(arr).save(d/f'{w}_{i}.JPEG', quality=100)
-            imgs[(w, i)] = np.asarray(Image.open(d/f'{w}_{i}.JPEG').convert('RGB'))
+            imgs[(w, i)] = np.array(Image.open(d/f'{w}_{i}.JPEG').convert('RGB'))
     (root/'val'/'images').mkdir(parents=True)
     ann = []
     for i, w in [(1, 'n02'), (0, 'n01')]:
