@@ -36,3 +36,24 @@ def cifar_train():
 def reference_model():
     torch.manual_seed(0)
     return reference_resnet18()
+
+
+@pytest.fixture(scope='session')
+def digits_model():
+    """A small_cnn trained for a few seconds on the 8x8 digits (about 95% clean): real decision boundaries, CPU-cheap."""
+    import torch.nn.functional as F
+    from robustbench_lab.data import Loader
+    from robustbench_lab.models import create_model
+    torch.manual_seed(0)
+    model = create_model('small_cnn', 'digits', width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for epoch in range(4):
+        for xb, yb in Loader(*load_arrays('digits', 'train'), batch_size=64, shuffle=True, seed=epoch):
+            opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope='session')
+def digits_test():
+    x, y = load_arrays('digits', 'test')
+    return x.float()/255, y
