@@ -31,16 +31,15 @@ venv:
 	  echo "$$h" > $(STAMP); \
 	fi
 
-DEMO_DIR ?= runs/demo
+# The main job, offline: PGD-AT and TRADES on the embedded 8x8 digits (small_cnn, 10 epochs each),
+# each run leaving its executed notebook, metrics, checkpoints and report in runs/demo-<objective>/.
+DEMO_EPOCHS ?= 10
 demo: venv
-	@mkdir -p $(DEMO_DIR)
-	$(BIN)/papermill --cwd nbs nbs/01_data.ipynb $(DEMO_DIR)/01_data.ipynb
-	$(BIN)/papermill --cwd nbs nbs/02_models.ipynb $(DEMO_DIR)/02_models.ipynb
-	$(BIN)/python -c "from robustbench_lab.data import load_arrays; from robustbench_lab.models import create_model, count_parameters; \
-	x, y = load_arrays('digits', 'test'); m = create_model('small_cnn', 'digits'); \
-	r = f'digits test: {tuple(x.shape)} uint8, {len(set(y.tolist()))} classes; small_cnn: {count_parameters(m):,d} parameters, logits {tuple(m(x[:2].float()/255).shape)}'; \
-	open('$(DEMO_DIR)/report.txt', 'w').write(r + '\n'); print(r)"
-	@echo "demo: executed notebooks and report in $(DEMO_DIR)/"
+	@rm -rf runs/demo-pgdat runs/demo-trades
+	$(BIN)/rblab-run nbs/train.ipynb -p objective pgdat -p epochs $(DEMO_EPOCHS) -p run_name demo-pgdat -p progress False
+	$(BIN)/rblab-run nbs/train.ipynb -p objective trades -p epochs $(DEMO_EPOCHS) -p run_name demo-trades -p progress False
+	@$(BIN)/python -c "from robustbench_lab.evaluate import Report; [print(Report.load(f'runs/demo-{o}/report.json'), end='\n\n') for o in ('pgdat', 'trades')]"
+	@echo "demo: runs/demo-pgdat/ and runs/demo-trades/ hold the executed notebooks (train.ipynb), metrics, checkpoints and reports"
 
 # The library must be exactly what the notebooks export: export, and fail if that changed anything.
 sync-check: venv
