@@ -51,8 +51,9 @@ sync-check: venv
 	  git status --short -- robustbench_lab 2>/dev/null; exit 1; \
 	fi; echo "robustbench_lab/ matches the notebooks."
 
+# one intra-op thread per notebook worker: two workers with two threads each on two cores spin against each other
 nbtest: venv
-	$(BIN)/nbdev-test --n-workers $(NBDEV_WORKERS) --timing
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/nbdev-test --n-workers $(NBDEV_WORKERS) --timing
 
 pytest: venv
 	$(BIN)/python -m pytest -q --durations=15 tests

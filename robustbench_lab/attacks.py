@@ -64,13 +64,15 @@ class ThreatModel:
         self.norm = check('norm', norm, str, choices=['Linf', 'L2'])
         self.eps = check('eps', eps, float, lo=0, hi=1 if norm == 'Linf' else 100)
 
-    def project(self, x_adv:torch.Tensor, x:torch.Tensor) -> torch.Tensor:
-        "Project `x_adv` onto the ball around `x`, then clip to [0, 1]."
+    def project(self, x_adv:torch.Tensor, x:torch.Tensor, eps:float|torch.Tensor|None=None) -> torch.Tensor:
+        "Project `x_adv` onto the ball around `x` (radius `eps`: the model's, or one per sample), then clip to [0, 1]."
+        eps = self.eps if eps is None else eps
         d = x_adv - x
-        if self.norm == 'Linf': d = d.clamp(-self.eps, self.eps)
+        if isinstance(eps, torch.Tensor): eps = eps.reshape(-1, *[1]*(d.dim() - 1)).to(d)
+        if self.norm == 'Linf': d = torch.clamp(d, -eps, eps)
         else:
-            n = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-            d = d * (self.eps / n).clamp(max=1.0).view(-1, *[1]*(d.dim() - 1))
+            n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1]*(d.dim() - 1))
+            d = d * (eps / n).clamp(max=1.0)
         return (x + d).clamp(0, 1)
 
     def distance(self, x_adv:torch.Tensor, x:torch.Tensor) -> torch.Tensor:
@@ -220,15 +222,17 @@ class IterativeAttack(Attack):
     # -- pieces ------------------------------------------------------------------------------------
     def _randn(self, x, gen): return torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
 
-    def _start(self, x, gen):
-        if self.init == 'none' or self.eps == 0: return x.clone()
-        if self.init == 'normal': return self.threat.project(x + self.init_std*self._randn(x, gen), x)
+    def _start(self, x, gen, eps):
+        "Starting point; `eps` is a float or a per-sample tensor of shape (N, 1, ..., 1)."
+        if self.init == 'none' or (not isinstance(eps, torch.Tensor) and eps == 0): return x.clone()
+        if self.init == 'normal': return self.threat.project(x + self.init_std*self._randn(x, gen), x, eps)
         if self.norm == 'Linf':
             u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            return self.threat.project(x + (2*u - 1)*self.eps, x)
+            return self.threat.project(x + (2*u - 1)*eps, x, eps)
         d = self._randn(x, gen).flatten(1)
         r = torch.rand(len(x), 1, generator=gen, device=x.device, dtype=x.dtype) ** (1/d.shape[1])
-        return self.threat.project(x + (d/d.norm(dim=1, keepdim=True)*r*self.eps).view_as(x), x)
+        step = (d/d.norm(dim=1, keepdim=True)*r).view_as(x)*eps
+        return self.threat.project(x + step, x, eps)
 
     def _losses(self, model, x_in, y, clean, gen):
         logits = model(self.input_transform(x_in, gen) if self.input_transform else x_in)
@@ -240,11 +244,14 @@ class IterativeAttack(Attack):
         return pred == y if self.targeted else pred != y
 
     # -- one run -----------------------------------------------------------------------------------
-    def _run(self, model, x, y, clean, gen, count_correct):
+    def _run(self, model, x, y, clean, gen, count_correct, eps=None):
         "One restart. Under early stopping only the still-unbroken samples are forwarded (`idx`)."
         n, shape1 = len(x), [1]*(x.dim() - 1)
         everyone = torch.arange(n, device=x.device)
-        x_adv = self._start(x, gen)
+        # per-sample radius (AFA's random strengths): steps scale with it, alpha_i = alpha·eps_i/eps
+        eps_t = self.eps if eps is None else eps.reshape(-1, *shape1).to(x)
+        alpha_t = self.alpha if eps is None else self.alpha*eps_t/max(self.eps, 1e-12)
+        x_adv = self._start(x, gen, eps_t)
         buf = torch.zeros_like(x) if self.momentum > 0 else None
         state = dict(eps=self.eps)
         kappa = torch.zeros(n, dtype=torch.long, device=x.device) if count_correct else None
@@ -270,7 +277,9 @@ class IterativeAttack(Attack):
                 g = b
             d = g.sign() if self.step == 'sign' else g/g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *shape1)
             if self.early_stop: d = d*alive.view(-1, *shape1).to(d.dtype)
-            new = self.threat.project(xa.detach() + self.alpha*d, x[idx] if sub else x)
+            per = isinstance(eps_t, torch.Tensor)
+            a_s, e_s = (alpha_t[idx], eps_t[idx]) if (per and sub) else (alpha_t, eps_t)
+            new = self.threat.project(xa.detach() + a_s*d, x[idx] if sub else x, e_s)
             x_adv = x_adv.index_copy(0, idx, new) if sub else new
             if self.early_stop:
                 idx = idx[alive]
@@ -278,10 +287,14 @@ class IterativeAttack(Attack):
         return x_adv.detach(), kappa
 
     # -- public --------------------------------------------------------------------------------------
-    def perturb(self, model:nn.Module, x:torch.Tensor, y:torch.Tensor, return_stats:bool=False):
-        "Attack `(x, y)`; with `return_stats` also return per-sample `loss`, `fooled` and (GA-PGD) `kappa`."
+    def perturb(self, model:nn.Module, x:torch.Tensor, y:torch.Tensor, return_stats:bool=False, eps:torch.Tensor|None=None):
+        "Attack `(x, y)`; `eps` gives a per-sample radius (steps scale with it); with `return_stats` also per-sample `loss`, `fooled`, `kappa`."
         if x.dtype == torch.uint8: raise ConfigError('x: expected float images in [0, 1], got uint8 (divide by 255)')
         if len(x) != len(y): raise ConfigError(f'x and y: {len(x)} images but {len(y)} labels')
+        if eps is not None:
+            if not isinstance(eps, torch.Tensor) or eps.numel() != len(x) or (eps < 0).any() or (eps > self.eps + 1e-12).any():
+                raise ConfigError(f'eps: a per-sample radius must be a tensor of {len(x)} values in [0, {self.eps:.4g}] (the attack\'s eps)')
+        if self.eps == 0 and not return_stats: return x.detach().clone()  # a zero radius leaves nothing to search
         gen = torch.Generator(device=x.device).manual_seed(self.seed) if self.seed is not None else None
         need_final = return_stats or self.restarts > 1
         with attack_mode(model, self.bn_mode):
@@ -290,7 +303,7 @@ class IterativeAttack(Attack):
                 clean = None if self.loss_fn in (ce_loss, cw_loss, dlr_loss) else model(x).detach()
             best = best_loss = best_fooled = kappa = None
             for r in range(self.restarts):
-                x_adv, k = self._run(model, x, y, clean, gen, count_correct=return_stats)
+                x_adv, k = self._run(model, x, y, clean, gen, count_correct=return_stats, eps=eps)
                 if not need_final: return x_adv
                 with torch.no_grad():
                     logits = model(x_adv)
@@ -307,7 +320,7 @@ class IterativeAttack(Attack):
         if return_stats: return best, dict(loss=best_loss, fooled=best_fooled, kappa=kappa)
         return best
 
-# %% ../nbs/03_attacks.ipynb #06d2ae17
+# %% ../nbs/03_attacks.ipynb #2b335e9c
 class FGSM(IterativeAttack):
     "Fast gradient sign method: one step of size ε (optionally from a uniform random start, FGSM-RS)."
     name = 'FGSM'

@@ -176,7 +176,7 @@ def read_idx(path:Path, verify:bool) -> np.ndarray:
     shape = [int.from_bytes(data[4 + 4*i: 8 + 4*i], 'big') for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4*ndim)
     if arr.size != int(np.prod(shape)): raise ValueError(f'{path}: truncated ({arr.size} of {int(np.prod(shape))} bytes)')
-    return arr.reshape(shape)
+    return arr.reshape(shape).copy()  # frombuffer views are read-only
 
 
 def read_tinyimagenet(root:Path, split:str) -> tuple[np.ndarray, np.ndarray]:

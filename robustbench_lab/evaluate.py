@@ -267,6 +267,7 @@ class Report:
     attacks: dict # attack name -> dict(repr, kind, eps)
     flags: list = field(default_factory=list) # sanity findings: dicts with 'code' and 'message'
     meta: dict = field(default_factory=dict) # n, eps, suite, dataset, arch, seed, device, date, ...
+    metrics: dict = field(default_factory=dict) # further scalar measures of the model (e.g. hider ratios), shown beside accuracy
 
     @property
     def n(self) -> int: return len(self.clean)
@@ -306,6 +307,7 @@ class Report:
                  f'  {"clean":16s} {100*self.clean_accuracy:6.2f}%']
         lines += [f'  {k:16s} {100*v:6.2f}%   {self.seconds.get(k, 0):7.1f}s' for k, v in self.robust_accuracy.items()]
         lines.append(f'  {"worst case":16s} {100*self.worst_case:6.2f}%')
+        lines += [f'  {k:16s} {v:8.4f}' for k, v in self.metrics.items()]
         lines += [f'  FLAG {f["code"]}: {f["message"]}' for f in self.flags] or ['  no sanity flags']
         return '\n'.join(lines)
 
@@ -313,7 +315,7 @@ class Report:
         "JSON-ready dict."
         return dict(format='robustbench_lab.report/1', meta=self.meta, clean=_bits(self.clean),
                     attacks={k: dict(**self.attacks[k], robust=_bits(v), seconds=self.seconds.get(k)) for k, v in self.robust.items()},
-                    seconds=self.seconds, flags=self.flags,
+                    seconds=self.seconds, flags=self.flags, metrics=self.metrics,
                     summary=dict(clean_accuracy=self.clean_accuracy, robust_accuracy=self.robust_accuracy, worst_case=self.worst_case))
 
     def save(self, path:str|Path) -> Path:
@@ -326,7 +328,7 @@ class Report:
         if d.get('format') != 'robustbench_lab.report/1': raise ValueError(f'not a robustbench_lab report: format {d.get("format")!r}')
         attacks = {k: {kk: vv for kk, vv in v.items() if kk not in ('robust', 'seconds')} for k, v in d['attacks'].items()}
         return cls(clean=_unbits(d['clean']), robust={k: _unbits(v['robust']) for k, v in d['attacks'].items()},
-                   seconds=d['seconds'], attacks=attacks, flags=d['flags'], meta=d['meta'])
+                   seconds=d['seconds'], attacks=attacks, flags=d['flags'], meta=d['meta'], metrics=d.get('metrics', {}))
 
     @classmethod
     def load(cls, path:str|Path) -> 'Report':
@@ -562,6 +564,7 @@ def leaderboard(folder:str|Path, # searched recursively for report JSON files
                    n=r.n, eps=_eps_label(r.meta['eps']) if r.meta.get('eps') is not None else '', clean=100*r.clean_accuracy)
         row.update({k: 100*v for k, v in r.robust_accuracy.items()})
         row['worst case'] = 100*r.worst_case
+        row.update(r.metrics)
         row['flags'] = len(r.flags)
         rows.append(row)
     df = pd.DataFrame(rows)

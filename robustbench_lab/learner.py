@@ -22,7 +22,7 @@ from .methods import Method
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'Schedule', 'CancelFitException', 'Callback', 'save_checkpoint',
-           'load_checkpoint', 'Learner', 'EvalCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
+           'load_checkpoint', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
 
 # %% ../nbs/07_learner.ipynb #9e7ce642
 SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cyclic', 'linear', 'constant')
@@ -173,7 +173,7 @@ class Learner:
         "Everything needed to continue training exactly where it stands."
         ev = self.eval_model()
         return dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(), extra={k: m.state_dict() for k, m in self.extra.items()},
-                    eval_model=ev.state_dict() if ev is not self.model else None,
+                    eval_model=ev.state_dict() if ev is not self.model and not getattr(ev, 'is_view', False) else None,
                     optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
                     method=self.method.state_dict(), callbacks={cb.name: cb.state_dict() for cb in self.cbs},
                     epoch=self.epoch, batch=self.batch, step=self.step, accum=self.accum, history=self.history,
@@ -233,7 +233,10 @@ class Learner:
                 self.record.update(lr=self.lr, **{k: v/max(1, a['batches']) for k, v in a['logs'].items()},
                                    train_seconds=a['seconds_train'], train_img_per_s=a['images']/max(a['seconds_train'], 1e-9))
                 self.epoch += 1; self.batch = 0
-                self.callback('after_epoch')
+                self.callback('after_epoch')  # measurements add to the record (evaluation, hider ratios, ...)
+                self.record['seconds'] = time.perf_counter() - self.epoch_start
+                self.history.append(dict(self.record))
+                self.callback('after_record')  # then it is written, printed and checkpointed
         except CancelFitException: pass
         self.callback('after_fit')
         return self
@@ -261,6 +264,29 @@ class EvalCB(Callback):
                             eval_seconds=time.perf_counter() - t0)
 
 
+class AccuracyCB(Callback):
+    "Per-epoch clean accuracy of named models on named data (e.g. DYNAT's guide and target on train and test subsets)."
+    order = 11
+
+    def __init__(self, models:dict, # name -> function(learn) returning the module to evaluate
+                 data:dict, # split name -> (x, y) (uint8 or float images)
+                 n:int=1000, # first n points of each split
+                 every:int=1, batch_size:int=512):
+        self.models, self.every, self.batch_size = models, check('every', every, int, lo=1), batch_size
+        self.data = {k: ((x[:n].float()/255 if x.dtype == torch.uint8 else x[:n].float()), y[:n]) for k, (x, y) in data.items()}
+
+    def after_epoch(self, learn):
+        if learn.epoch % self.every and learn.epoch != learn.epochs: return
+        from robustbench_lab.evaluate import model_correct
+        for name, get in self.models.items():
+            m = get(learn)
+            dev = next(m.parameters()).device
+            for split, (x, y) in self.data.items():
+                ok = torch.cat([model_correct(m, x[i:i + self.batch_size].to(dev), y[i:i + self.batch_size].to(dev))
+                                for i in range(0, len(x), self.batch_size)])
+                learn.record[f'{name}_{split}_acc' if name else f'{split}_acc'] = ok.float().mean().item()
+
+
 class MetricsCB(Callback):
     "Appends the epoch record to the history and rewrites `metrics.jsonl` (one JSON line per epoch) atomically."
     order = 20
@@ -273,10 +299,7 @@ class MetricsCB(Callback):
 
     def before_fit(self, learn): self._write(learn)  # after a resume: exactly the epochs the checkpoint knows
 
-    def after_epoch(self, learn):
-        learn.record['seconds'] = time.perf_counter() - learn.epoch_start
-        learn.history.append(dict(learn.record))
-        self._write(learn)
+    def after_record(self, learn): self._write(learn)
 
 
 class StepLogCB(Callback):
@@ -311,8 +334,10 @@ class CheckpointCB(Callback):
                  monitor:str='robust_acc', # record key that defines "best"
                  best_after:int=0, # only epochs after this one can be best (HFAT code: 80 of 200)
                  patience:int|None=None, # stop after this many epochs without improvement (None: never)
+                 keep_every:int|None=None, # also keep the evaluation model's weights every k epochs (epochs/e<k>.pt)
                 ):
         self.folder = Path(folder)
+        self.keep_every = check('keep_every', keep_every, int, lo=1, allow_none=True)
         self.every = check('checkpoint_every', every, int, lo=1, allow_none=True)
         self.monitor, self.best_after = monitor, check('best_after', best_after, int, lo=0)
         self.patience = check('patience', patience, int, lo=1, allow_none=True)
@@ -324,13 +349,17 @@ class CheckpointCB(Callback):
     def after_batch(self, learn):
         if self.every and learn.step % self.every == 0: save_checkpoint(learn.state_dict(), self.last)
 
-    def after_epoch(self, learn):
+    def after_record(self, learn):
         value = learn.record.get(self.monitor)
         improved = value is not None and learn.epoch > self.best_after and value > self.best
         if improved: self.best, self.best_epoch = value, learn.epoch - 1
         state = learn.state_dict()
         save_checkpoint(state, self.last)
         if improved: save_checkpoint(state, self.folder/'best.pt')
+        if self.keep_every and (learn.epoch % self.keep_every == 0 or learn.epoch == learn.epochs):
+            weights = state['eval_model'] if state['eval_model'] is not None else state['model']
+            save_checkpoint(dict(format=CHECKPOINT_FORMAT, model=weights, epoch=learn.epoch - 1),
+                            self.folder/'epochs'/f'e{learn.epoch - 1:03d}.pt')
         if self.patience and self.best_epoch is not None and learn.epoch - 1 - self.best_epoch >= self.patience:
             raise CancelFitException
 
@@ -358,6 +387,8 @@ class ProgressCB(Callback):
 
     def after_epoch(self, learn):
         if self.pbar is not None: self.pbar.close(); self.pbar = None
+
+    def after_record(self, learn):
         if not self.summary: return
         r = learn.record
         acc = f"clean {100*r['clean_acc']:.2f}%  PGD-20 {100*r['robust_acc']:.2f}%  " if 'clean_acc' in r else ''

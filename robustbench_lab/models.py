@@ -20,8 +20,8 @@ from .data import dataset_info
 
 # %% auto #0
 __all__ = ['NormLayer', 'VGG16_CFG', 'ARCHS', 'KNOWN_ARCHS', 'Normalize', 'MultiBN', 'multibn_layers', 'set_bn_branch',
-           'set_bn_mix', 'bn_branch', 'bn_mix', 'ImageClassifier', 'BasicBlock', 'Bottleneck', 'ResNet', 'PreActBlock',
-           'PreActResNet', 'WideBlock', 'NetworkBlock', 'WideResNet', 'VGG', 'SmallCNN', 'create_model',
+           'set_bn_mix', 'set_bn_route', 'bn_branch', 'bn_mix', 'ImageClassifier', 'BasicBlock', 'Bottleneck', 'ResNet',
+           'PreActBlock', 'PreActResNet', 'WideBlock', 'NetworkBlock', 'WideResNet', 'VGG', 'SmallCNN', 'create_model',
            'count_parameters', 'reference_resnet18_path', 'reference_resnet18']
 
 # %% ../nbs/02_models.ipynb #fee234b5
@@ -51,17 +51,29 @@ class MultiBN(nn.Module):
         self.bns = nn.ModuleList(nn.BatchNorm2d(num_features, eps=eps, momentum=momentum) for _ in range(K))
         self.active = 0
         self.mix = None  # (w, a, b) or None
+        self.route = None  # per-sample branch index (N,) or None
 
     def set_branch(self, k:int):
         "Route every sample through branch `k`."
-        self.active, self.mix = check('branch', k, int, lo=0, hi=self.K - 1), None
+        self.active, self.mix, self.route = check('branch', k, int, lo=0, hi=self.K - 1), None, None
+
+    def set_route(self, route:torch.Tensor):
+        "Route sample i through branch `route[i]`; each branch normalises its own samples with their own batch statistics (OAT)."
+        if route.min() < 0 or route.max() >= self.K: raise ConfigError(f'route: branch indices must lie in 0..{self.K - 1}')
+        self.mix, self.route = None, route
 
     def set_mix(self, w:torch.Tensor, a:int, b:int):
         "Output `w·BN_a(x) + (1 − w)·BN_b(x)` with a per-sample weight `w` of shape (N,)."
         check('a', a, int, lo=0, hi=self.K - 1); check('b', b, int, lo=0, hi=self.K - 1)
-        self.mix = (w, a, b)
+        self.mix, self.route = (w, a, b), None
 
     def forward(self, x):
+        if self.route is not None:
+            out = torch.empty_like(x)
+            for k in self.route.unique().tolist():
+                sel = self.route == k
+                out[sel] = self.bns[k](x[sel])
+            return out
         if self.mix is None: return self.bns[self.active](x)
         w, a, b = self.mix
         w = w.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
@@ -91,28 +103,33 @@ def set_bn_mix(model:nn.Module, w:torch.Tensor, a:int, b:int):
     for m in _require_multibn(model): m.set_mix(w, a, b)
 
 
+def set_bn_route(model:nn.Module, route:torch.Tensor):
+    "Route each sample through its own branch in every `MultiBN` of `model` (per-branch batch statistics)."
+    for m in _require_multibn(model): m.set_route(route)
+
+
 @contextlib.contextmanager
 def bn_branch(model:nn.Module, k:int):
     "Within the block, every `MultiBN` of `model` uses branch `k`; the previous routing is restored after."
     layers = _require_multibn(model)
-    saved = [(m.active, m.mix) for m in layers]
+    saved = [(m.active, m.mix, m.route) for m in layers]
     try:
         for m in layers: m.set_branch(k)
         yield model
     finally:
-        for m, (act, mix) in zip(layers, saved): m.active, m.mix = act, mix
+        for m, (act, mix, route) in zip(layers, saved): m.active, m.mix, m.route = act, mix, route
 
 
 @contextlib.contextmanager
 def bn_mix(model:nn.Module, w:torch.Tensor, a:int, b:int):
     "Within the block, every `MultiBN` of `model` mixes branches `a` and `b` with weight `w`."
     layers = _require_multibn(model)
-    saved = [(m.active, m.mix) for m in layers]
+    saved = [(m.active, m.mix, m.route) for m in layers]
     try:
         for m in layers: m.set_mix(w, a, b)
         yield model
     finally:
-        for m, (act, mix) in zip(layers, saved): m.active, m.mix = act, mix
+        for m, (act, mix, route) in zip(layers, saved): m.active, m.mix, m.route = act, mix, route
 
 # %% ../nbs/02_models.ipynb #0221f8ab
 NormLayer = Callable[[int], nn.Module]

@@ -30,6 +30,7 @@ class Objective:
         self.bn_mode = check('bn_mode', bn_mode, str, choices=['eval', 'train', 'keep'], allow_none=True)
         self.epoch, self.epochs = 0, 1
         self.last_stats = {}
+        self.last_logits = {}  # logits of the last `loss` call, graph attached: 'adv' (and 'clean' when computed), reused by methods
 
     def start_epoch(self, epoch:int, epochs:int):
         "Called at the start of every epoch (burn-in schedules)."
@@ -80,7 +81,9 @@ class Clean(Objective):
     def perturb(self, model, x, y, attack=None, bn_mode=None): return x
 
     def loss(self, model, x, x_adv, y, model_adv=None):
-        loss = F.cross_entropy((model_adv or model)(x_adv), y)
+        za = (model_adv or model)(x_adv)
+        loss = F.cross_entropy(za, y)
+        self.last_logits = dict(adv=za)
         return loss, dict(loss=loss.item())
 
 # %% ../nbs/05_objectives.ipynb #00492d64
@@ -92,7 +95,9 @@ class PGDAT(Objective):
         super().__init__(attack or _madry(eps, alpha, steps), bn_mode)
 
     def loss(self, model, x, x_adv, y, model_adv=None):
-        loss = F.cross_entropy((model_adv or model)(x_adv), y)
+        za = (model_adv or model)(x_adv)
+        loss = F.cross_entropy(za, y)
+        self.last_logits = dict(adv=za)
         return loss, dict(loss=loss.item(), ce_adv=loss.item())
 
 # %% ../nbs/05_objectives.ipynb #7c85ec50
@@ -114,6 +119,7 @@ class TRADES(Objective):
         z, za = model(x), (model_adv or model)(x_adv)
         ce, kl = F.cross_entropy(z, y), batch_kl(z, za).mean()
         loss = ce + self.beta*kl
+        self.last_logits = dict(clean=z, adv=za)
         return loss, dict(loss=loss.item(), ce_clean=ce.item(), kl=kl.item())
 
 # %% ../nbs/05_objectives.ipynb #e3f10040
@@ -134,6 +140,7 @@ class MART(Objective):
         kl = (p_nat*(torch.log(p_nat + 1e-12) - torch.log(p_adv + 1e-12))).sum(1)
         robust = (kl*(1.0000001 - p_nat.gather(1, y[:, None])[:, 0])).mean()
         loss = bce + self.beta*robust
+        self.last_logits = dict(clean=z, adv=za)
         return loss, dict(loss=loss.item(), bce=bce.item(), weighted_kl=robust.item())
 
 # %% ../nbs/05_objectives.ipynb #87ceeb15
@@ -160,6 +167,7 @@ class HELP(Objective):
         rob = batch_kl(z, za).mean() if self.form == 'trades' else F.cross_entropy(za, y)
         help_ce = F.cross_entropy(zh, y_helper)
         loss = ce + self.beta*rob + self.gamma*help_ce
+        self.last_logits = dict(clean=z, adv=za)
         return loss, dict(loss=loss.item(), ce_clean=ce.item(), robust=rob.item(), helper_ce=help_ce.item())
 
 # %% ../nbs/05_objectives.ipynb #fd9ba38b
@@ -177,8 +185,10 @@ class GAIRAT(Objective):
     name = 'gairat'
 
     def __init__(self, lam:float=-1.0, begin_epoch:int|None=None, schedule:str='fixed', lam_max:float=1.0,
+                 label_smoothing:float=0.0, # on the weighted CE (DYNAT's GAIRAT hybrid uses 0.2)
                  eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:IterativeAttack|None=None):
         super().__init__(attack or _madry(eps, alpha, steps), bn_mode)
+        self.label_smoothing = check('label_smoothing', label_smoothing, float, lo=0, hi=1, hi_open=True)
         self.lam, self.lam_max = check('lam', lam, float), check('lam_max', lam_max, float)
         self.begin_epoch = check('begin_epoch', begin_epoch, int, lo=0, allow_none=True)
         self.schedule = check('schedule', schedule, str, choices=['fixed', 'linear'])
@@ -199,7 +209,9 @@ class GAIRAT(Objective):
         return x_adv.detach()
 
     def loss(self, model, x, x_adv, y, model_adv=None, stats=None):
-        ce = F.cross_entropy((model_adv or model)(x_adv), y, reduction='none')
+        za = (model_adv or model)(x_adv)
+        self.last_logits = dict(adv=za)
+        ce = F.cross_entropy(za, y, reduction='none', label_smoothing=self.label_smoothing)
         lam = self.current_lambda()
         if lam is None:
             loss = ce.mean()
@@ -246,6 +258,7 @@ class MAIL(Objective):
 
     def loss(self, model, x, x_adv, y, model_adv=None):
         za = (model_adv or model)(x_adv)
+        self.last_logits = dict(adv=za)
         weighted = self.epoch >= self.burn
         if self.form == 'at':
             ce = F.cross_entropy(za, y, reduction='none')
@@ -253,6 +266,7 @@ class MAIL(Objective):
             loss = (w*ce).mean()
             return loss, dict(loss=loss.item(), weight_mean=w.mean().item())
         z = model(x)
+        self.last_logits = dict(clean=z, adv=za)
         kl = batch_kl(z, za)
         w = self.weights(za, y) if weighted else torch.ones_like(kl)
         ce = F.cross_entropy(z, y)

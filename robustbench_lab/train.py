@@ -21,15 +21,22 @@ import torch.nn as nn
 from .core import ConfigError, atomic_write, check, check_list, get_device, seed_everything, settings
 from .data import DATASETS, DataNotFoundError, Loader, dataset_info, default_augment, load_arrays
 from .evaluate import SUITES, Report, evaluate
-from .learner import (SCHEDULES, CheckpointCB, EvalCB, Learner, MetricsCB, ProgressCB, Schedule,
+from .learner import (SCHEDULES, AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, ProgressCB, Schedule,
                                      StepLogCB, load_checkpoint)
+from .afa import AFA, OAT, OAT_LAMBDAS, AFAModel, AFAStage2, BranchView, check_xi, default_xi, oat_model
+from .dynat import DYNAT, dynat_objective
+from .f2at import ABLATIONS as F2AT_ABLATIONS, F2AT, load_estimators, pretrain_estimators, save_estimators
+from .hfat import HFAT
+from .hiders import HiderTracker
 from .methods import AWP, LBGAT, SEAT, Standard
-from .models import ARCHS, KNOWN_ARCHS, _WRN, create_model
+from functools import partial
+from .models import ARCHS, KNOWN_ARCHS, _WRN, MultiBN, create_model
 from .objectives import OBJECTIVES, make_objective
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'BASE_METHODS', 'PRESETS', 'resolve_config', 'build_model',
-           'build_objective', 'build_method', 'Run', 'TrainResult', 'train', 'run_pipeline', 'main']
+__all__ = ['DEFAULTS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'METHOD_NAMES', 'PRESETS', 'resolve_config', 'build_model',
+           'build_objective', 'build_method', 'Run', 'run_or_tiny', 'scale_note', 'TrainResult', 'train',
+           'run_pipeline', 'main']
 
 # %% ../nbs/08_train.ipynb #9cf30c07
 DEFAULTS = dict(
@@ -44,6 +51,20 @@ DEFAULTS = dict(
     beta=None, awp_gamma=None, awp_warmup=None, seat_decay=0.999, natural_arch=None,
     helper=None, helper_epochs=None, hat_h=2.0, hat_gamma=0.5, gairat_lambda=-1.0, gairat_begin=None,
     mail_form='at', mail_bias=None, mail_slope=None, mail_burn_in=None, iat_alpha=1.0,
+    # HFAT (code defaults: the released training script's values)
+    hfat_eps_s=7/255, hfat_alpha_s=7/255, hfat_steps_s=7, hfat_r_mean=0.4, hfat_r_std=0.001, hfat_noise=0.01/255,
+    hfat_lt=1.5, hfat_gamma=0.01, hfat_weighting='code', hfat_beta_r=0.0, hfat_beta_u=1.0, hfat_lambda_a=None, hfat_awp=False,
+    # DYNAT (code defaults; the target's loss is `objective`: pgdat, gairat or mail)
+    guide_arch=None, dynat_inner='trades', dynat_lambda=1.0, dynat_awp=False, dynat_guide_mode='train', dynat_label_smoothing=0.2,
+    # AFA (Stage I: K-branch BN training; Stage II: the weight generator on a frozen Stage I backbone) and OAT
+    afa_K=5, afa_xi=None, afa_stage=1, afa_from=None, afa_placement='stem', afa_clean_prob=0.2, afa_attack_steps=7,
+    oat_eval_lambda=1.0,
+    # F²AT (paper defaults; estimators pre-trained on a PGD-AT source model unless given)
+    f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0, f2at_tau=0.07, f2at_v=0.995, f2at_margin='soft', f2at_ablation=None,
+    f2at_source='features', f2at_mode='frozen', f2at_estimators=None, f2at_source_run=None, f2at_source_epochs=None,
+    f2at_est_epochs=25, f2at_units=2048, f2at_est_batch=400,
+    # hider tracking (any method): full per-epoch tracking, or (default) the end-of-run ratio only
+    hiders=False, hider_n=200, hider_intervals=None, keep_epochs=None,
     # data, evaluation, reporting
     seed=0, n_train=None, n_eval=200, eval_every=1, suite='monitor', n_report=None, report_best=False, best_after=0, patience=None,
     # machine and run folder
@@ -53,13 +74,16 @@ DEFAULTS = dict(
 
 RUN_DIR_FILE_ENV = 'RBLAB_RUN_DIR_FILE'  # train() writes its run folder here: how run_pipeline finds it
 DATASET_EPS = dict(cifar10=8/255, cifar100=8/255, svhn=8/255, tinyimagenet=8/255, fashionmnist=0.1, digits=0.1)
-BASE_METHODS = ('standard', 'awp', 'seat', 'lbgat')
+METHOD_NAMES = ('standard', 'awp', 'seat', 'lbgat', 'hfat', 'dynat', 'afa', 'oat', 'f2at')
 
 # %% ../nbs/08_train.ipynb #bda5d297
 _C10 = dict(dataset='cifar10', n_train=None, n_eval=1000, suite='monitor')
 PRESETS = {
     'hfat-paper': dict(_C10, arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, schedule='multistep',
-                       milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, best_after=80),
+                       milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, best_after=80, report_best=True,
+                       hfat_steps_s=5, hfat_weighting='paper'),
+    'hfat-code': dict(_C10, method='hfat', arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, schedule='piecewise',
+                      eps=8/255, alpha=2/255, steps=10, best_after=80, report_best=True, seed=42),
     'rice-piecewise': dict(_C10, arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, schedule='piecewise',
                            eps=8/255, alpha=2/255, steps=10, bn_mode='train', best_after=80),
     'trades-paper': dict(_C10, arch='wrn-34-10', objective='trades', beta=6.0, epochs=76, lr=0.1, weight_decay=2e-4,
@@ -77,6 +101,15 @@ PRESETS = {
                        eps=0.031, alpha=0.007, steps=10),
     'help-paper': dict(_C10, arch='resnet18', objective='help', beta=2.5, hat_gamma=0.5, hat_h=2.0, epochs=50, lr=0.21,
                        nesterov=True, weight_decay=5e-4, schedule='cyclic', eps=8/255, alpha=2/255, steps=10),
+    'dynat-paper': dict(_C10, method='dynat', arch='wrn-34-10', guide_arch='resnet18', objective='pgdat', epochs=100, lr=0.1,
+                        weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=2/255, steps=10, seed=2022),
+    'dynat-code': dict(_C10, method='dynat', arch='wrn-34-10', guide_arch='resnet18', objective='pgdat', epochs=100, lr=0.1,
+                       weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10, seed=2022),
+    'afa-paper': dict(_C10, method='afa', arch='wrn-28-10', objective='pgdat', afa_K=5, epochs=100, lr=0.1, weight_decay=5e-4,
+                      schedule='multistep', milestones=[0.75, 0.9], eps=8/255),
+    'f2at-paper': dict(_C10, method='f2at', arch='resnet18', epochs=100, lr=0.1, weight_decay=2e-4, schedule='multistep',
+                       milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0,
+                       f2at_tau=0.07, f2at_v=0.995, f2at_units=2048, f2at_est_epochs=25),
     'iat-paper': dict(_C10, arch='resnet18', objective='iat', iat_alpha=1.0, epochs=200, lr=0.1, weight_decay=2e-4,
                       schedule='multistep', milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=7),
 }
@@ -99,7 +132,7 @@ def resolve_config(**params) -> dict:
     if preset: cfg.update(PRESETS[preset])
     cfg.update({k: v for k, v in params.items() if not (preset and k in PRESETS[preset] and v == DEFAULTS.get(k))})
     c = cfg
-    check('method', c['method'], str, choices=BASE_METHODS)
+    check('method', c['method'], str, choices=METHOD_NAMES)
     if c['method'] == 'lbgat':
         if c['objective'] not in (None, 'trades'):
             raise ConfigError(f"objective = {c['objective']!r}: method 'lbgat' defines its own loss (TRADES inner); leave objective unset")
@@ -132,6 +165,52 @@ def resolve_config(**params) -> dict:
     check('mail_form', c['mail_form'], str, choices=['at', 'trades'])
     check('mail_bias', c['mail_bias'], float, allow_none=True); check('mail_slope', c['mail_slope'], float, lo=0, allow_none=True)
     check('mail_burn_in', c['mail_burn_in'], int, lo=0, allow_none=True); check('iat_alpha', c['iat_alpha'], float, lo=0, lo_open=True)
+    check('hfat_eps_s', c['hfat_eps_s'], float, lo=0, hi=1); check('hfat_alpha_s', c['hfat_alpha_s'], float, lo=0)
+    check('hfat_steps_s', c['hfat_steps_s'], int, lo=1); check('hfat_r_mean', c['hfat_r_mean'], float)
+    for k in ('hfat_r_std', 'hfat_noise', 'hfat_lt', 'hfat_gamma'): check(k, c[k], float, lo=0)
+    check('hfat_weighting', c['hfat_weighting'], str, choices=['code', 'paper', 'static'])
+    check('hfat_beta_r', c['hfat_beta_r'], float); check('hfat_beta_u', c['hfat_beta_u'], float)
+    check('hfat_lambda_a', c['hfat_lambda_a'], float, lo=0, allow_none=True); check('hfat_awp', c['hfat_awp'], bool)
+    if c['hfat_weighting'] == 'static' and c['hfat_lambda_a'] is None:
+        raise ConfigError("hfat_lambda_a = None: hfat_weighting='static' needs the static weight λ_A (w_A = λ_A/(1 + λ_A))")
+    if c['guide_arch'] is not None: _check_arch(c['guide_arch'], 'guide_arch')
+    check('dynat_inner', c['dynat_inner'], str, choices=['trades', 'dynamic', 'label']); check('dynat_lambda', c['dynat_lambda'], float, lo=0)
+    check('dynat_awp', c['dynat_awp'], bool); check('dynat_guide_mode', c['dynat_guide_mode'], str, choices=['train', 'eval'])
+    check('dynat_label_smoothing', c['dynat_label_smoothing'], float, lo=0, hi=1, hi_open=True)
+    if c['method'] == 'dynat' and c['objective'] not in ('pgdat', 'gairat', 'mail'):
+        raise ConfigError(f"objective = {c['objective']!r}: method 'dynat' trains its target with 'pgdat', 'gairat' or 'mail' (MAIL-AT)")
+    check('afa_K', c['afa_K'], int, lo=2)
+    if c['afa_xi'] is not None: c['afa_xi'] = check_xi(c['afa_xi'], c['afa_K'])
+    check('afa_stage', c['afa_stage'], int, choices=[1, 2]); check('afa_from', c['afa_from'], str, allow_none=True)
+    check('afa_placement', c['afa_placement'], str, choices=['stem', 'per_layer'])
+    check('afa_clean_prob', c['afa_clean_prob'], float, lo=0, hi=1); check('afa_attack_steps', c['afa_attack_steps'], int, lo=1)
+    check('oat_eval_lambda', c['oat_eval_lambda'], float, choices=OAT_LAMBDAS)
+    if c['method'] == 'afa' and c['afa_stage'] == 1 and c['objective'] not in ('pgdat', 'trades', 'mart', 'iat'):
+        raise ConfigError(f"objective = {c['objective']!r}: AFA's base objective is one of 'pgdat', 'trades', 'mart', 'iat'")
+    if c['method'] == 'afa' and c['afa_from'] is not None:
+        try: s1 = Run.load(c['afa_from'])
+        except FileNotFoundError: raise ConfigError(f"afa_from = {c['afa_from']!r}: no Stage I run folder") from None
+        if s1.config.get('method') != 'afa' or s1.config.get('afa_stage') != 1 or s1.config['afa_K'] != c['afa_K']:
+            raise ConfigError(f"afa_from = {c['afa_from']!r}: expected a Stage I AFA run with afa_K = {c['afa_K']}")
+        if s1.config['arch'] != c['arch'] or s1.config['dataset'] != c['dataset']:
+            raise ConfigError(f"afa_from = {c['afa_from']!r}: Stage I used arch {s1.config['arch']!r} on {s1.config['dataset']!r}")
+    check('f2at_K', c['f2at_K'], int, lo=1, hi=8)
+    for k in ('f2at_alpha', 'f2at_gamma'): check(k, c[k], float, lo=0)
+    for k in ('f2at_tau', 'f2at_v'): check(k, c[k], float, lo=0, lo_open=True)
+    check('f2at_margin', c['f2at_margin'], str, choices=['soft', 'hard'])
+    check('f2at_ablation', c['f2at_ablation'], str, choices=[a for a in F2AT_ABLATIONS if a], allow_none=True)
+    check('f2at_source', c['f2at_source'], str, choices=['features', 'logits']); check('f2at_mode', c['f2at_mode'], str, choices=['frozen', 'online'])
+    check('f2at_estimators', c['f2at_estimators'], str, allow_none=True); check('f2at_source_run', c['f2at_source_run'], str, allow_none=True)
+    if c['f2at_estimators'] is not None and not Path(c['f2at_estimators']).is_file():
+        raise ConfigError(f"f2at_estimators = {c['f2at_estimators']!r}: no such file")
+    if c['f2at_source_run'] is not None:
+        try: Run.load(c['f2at_source_run'])
+        except FileNotFoundError: raise ConfigError(f"f2at_source_run = {c['f2at_source_run']!r}: no such run") from None
+    check('f2at_source_epochs', c['f2at_source_epochs'], int, lo=1, allow_none=True)
+    for k in ('f2at_est_epochs', 'f2at_units', 'f2at_est_batch'): check(k, c[k], int, lo=2)
+    check('hiders', c['hiders'], bool); check('hider_n', c['hider_n'], int, lo=1)
+    if c['hider_intervals'] is not None: c['hider_intervals'] = check_list('hider_intervals', c['hider_intervals'], int, lo=1, min_length=1)
+    check('keep_epochs', c['keep_epochs'], int, lo=1, allow_none=True)
     check('seed', c['seed'], int, lo=0); check('n_train', c['n_train'], int, lo=1, allow_none=True)
     check('suite', c['suite'], str, choices=SUITES); check('n_report', c['n_report'], int, lo=1, allow_none=True)
     check('best_after', c['best_after'], int, lo=0); check('patience', c['patience'], int, lo=1, allow_none=True)
@@ -159,10 +238,16 @@ def resolve_config(**params) -> dict:
     return c
 
 # %% ../nbs/08_train.ipynb #79d9eebb
-def build_model(cfg:dict, arch:str|None=None) -> nn.Module:
-    "The network named by the configuration (or `arch`), freshly initialised."
+def build_model(cfg:dict, arch:str|None=None, stage1_state:dict|None=None) -> nn.Module:
+    "The network named by the configuration (or `arch`), freshly initialised (AFA Stage II: on `stage1_state`)."
     arch = arch or cfg['arch']
     kw = dict(width=cfg['width']) if cfg.get('width') and arch == 'small_cnn' else {}
+    if arch == cfg['arch'] and cfg.get('method') == 'oat': return oat_model(arch, cfg['dataset'], **kw)
+    if arch == cfg['arch'] and cfg.get('method') == 'afa':
+        backbone = create_model(arch, cfg['dataset'], norm_layer=partial(MultiBN, K=cfg['afa_K']), **kw)
+        if cfg['afa_stage'] == 1: return backbone
+        if stage1_state is not None: backbone.load_state_dict(stage1_state)
+        return AFAModel(backbone, cfg['afa_placement'])
     return create_model(arch, cfg['dataset'], **kw)
 
 
@@ -186,13 +271,38 @@ def build_objective(cfg:dict, helper:nn.Module|None=None):
     return make_objective(name, **kw)
 
 
-def build_method(cfg:dict, helper:nn.Module|None=None):
+def build_method(cfg:dict, helper:nn.Module|None=None, estimators:tuple|None=None):
     "The method (wrapping the objective) of the configuration."
     if cfg['method'] == 'lbgat':
         natural = build_model(cfg, cfg['natural_arch'] or cfg['arch'])
         return LBGAT(natural, beta=cfg['beta'] or 0.0, **_attack_kw(cfg))
+    if cfg['method'] == 'afa':
+        if cfg['afa_stage'] == 2:
+            return AFAStage2(eps=cfg['eps'], clean_prob=cfg['afa_clean_prob'], steps=cfg['steps'] or 10, alpha=cfg['alpha'])
+        return AFA(build_objective(cfg), K=cfg['afa_K'], xi=cfg['afa_xi'] or default_xi(cfg['afa_K'], cfg['eps']),
+                   attack_steps=cfg['afa_attack_steps'])
+    if cfg['method'] == 'f2at':
+        return F2AT(*estimators, K=cfg['f2at_K'], alpha=cfg['f2at_alpha'], gamma=cfg['f2at_gamma'], tau=cfg['f2at_tau'], v=cfg['f2at_v'],
+                    margin=cfg['f2at_margin'], ablation=cfg['f2at_ablation'], source=cfg['f2at_source'], mode=cfg['f2at_mode'],
+                    eps=cfg['eps'], alpha_attack=cfg['alpha'] or cfg['eps']/4, steps=cfg['steps'] or 10)
+    if cfg['method'] == 'oat': return OAT(eps=cfg['eps'], steps=cfg['steps'] or 7, eval_lambda=cfg['oat_eval_lambda'])
+    if cfg['method'] == 'dynat':
+        guide = build_model(cfg, cfg['guide_arch'] or cfg['arch'])
+        eps, alpha, steps = cfg['eps'], cfg['alpha'] or 0.007*cfg['eps']/0.031, cfg['steps'] or 10
+        obj = dynat_objective(cfg['objective'], eps, alpha, steps, label_smoothing=cfg['dynat_label_smoothing'],
+                              begin_epoch=cfg['gairat_begin'], burn_in=cfg['mail_burn_in'])
+        return DYNAT(guide, obj, inner=cfg['dynat_inner'], lam=cfg['dynat_lambda'], beta=cfg['beta'] or 0.0,
+                     awp_gamma=(cfg['awp_gamma'] or 0.005) if cfg['dynat_awp'] else None, awp_warmup=cfg['awp_warmup'],
+                     guide_train_mode=cfg['dynat_guide_mode'] == 'train', eps=eps, alpha=alpha, steps=steps)
     obj = build_objective(cfg, helper)
     if cfg['method'] == 'awp': return AWP(obj, gamma=cfg['awp_gamma'], warmup=cfg['awp_warmup'])
+    if cfg['method'] == 'hfat':
+        lam = cfg['hfat_lambda_a']
+        awp_gamma = (cfg['awp_gamma'] or (0.01 if cfg['objective'] == 'pgdat' else 0.005)) if cfg['hfat_awp'] else None
+        return HFAT(obj, eps_s=cfg['hfat_eps_s'], alpha_s=cfg['hfat_alpha_s'], steps_s=cfg['hfat_steps_s'],
+                    r_mean=cfg['hfat_r_mean'], r_std=cfg['hfat_r_std'], noise_std=cfg['hfat_noise'], lt=cfg['hfat_lt'],
+                    gamma=cfg['hfat_gamma'], weighting=cfg['hfat_weighting'], beta_r=cfg['hfat_beta_r'], beta_u=cfg['hfat_beta_u'],
+                    static_weights=(1/(1 + lam), lam/(1 + lam)) if lam is not None else (0.1, 0.9), awp_gamma=awp_gamma)
     if cfg['method'] == 'seat': return SEAT(obj, decay=cfg['seat_decay'])
     return Standard(obj)
 
@@ -222,14 +332,43 @@ class Run:
         "The raw checkpoint 'last' or 'best'."
         return load_checkpoint(self.dir/'checkpoints'/f'{which}.pt')
 
-    def model(self, which:str='last', device='cpu') -> nn.Module:
-        "The result model ('last' or 'best' checkpoint; the method's evaluation model, e.g. SEAT's average), in eval mode."
-        ck = self.checkpoint(which)
+    def epochs_kept(self) -> list[int]:
+        "Epochs whose weights were kept (`keep_epochs`)."
+        return sorted(int(p.stem[1:]) for p in (self.dir/'checkpoints'/'epochs').glob('e*.pt'))
+
+    def model(self, which:str='last', device='cpu', epoch:int|None=None, raw:bool=False) -> nn.Module:
+        "The result model ('last'/'best' checkpoint or a kept `epoch`) as evaluated (SEAT's average, AFA Stage I's strongest branch, OAT at its λ); `raw`: the bare network."
+        state = (load_checkpoint(self.dir/'checkpoints'/'epochs'/f'e{epoch:03d}.pt')['model'] if epoch is not None else
+                 (lambda ck: ck['eval_model'] if ck.get('eval_model') is not None else ck['model'])(self.checkpoint(which)))
         m = build_model(self.config)
-        m.load_state_dict(ck['eval_model'] if ck.get('eval_model') is not None else ck['model'])
-        return m.to(device).eval()
+        m.load_state_dict(state)
+        m = m.to(device).eval()
+        c = self.config
+        if not raw and c.get('method') == 'afa' and c.get('afa_stage') == 1: return BranchView(m, c['afa_K'] - 1).eval()
+        if c.get('method') == 'oat': m.set_lambda(c['oat_eval_lambda'])
+        return m
 
 # %% ../nbs/08_train.ipynb #3488dfaa
+def run_or_tiny(name:str|None, # the run to draw
+                tiny_name:str, # name of the stand-in (must start with 'tiny-')
+                **tiny_params, # train() parameters of the stand-in
+               ) -> Run:
+    "The named run if it exists; otherwise a tiny stand-in, trained on first use and reused after."
+    if not tiny_name.startswith('tiny-'): raise ConfigError(f"tiny_name = {tiny_name!r}: stand-ins are named 'tiny-...'")
+    for candidate in ([name] if name else []) + [tiny_name]:
+        try: return Run.load(candidate)
+        except FileNotFoundError: pass
+    return train(run_name=tiny_name, **tiny_params)
+
+
+def scale_note(*runs:Run) -> str:
+    "'dataset, training images, arch, epochs, seed' of the first run, prefixed 'TINY DEMO' when any run is a stand-in."
+    c = runs[0].config
+    tiny = any(r.name.startswith('tiny-') for r in runs)
+    return (f"{'TINY DEMO — ' if tiny else ''}{c['dataset']}, {c['n_train'] or 'all'} train images, {c['arch']}, "
+            f"{c['epochs']} epochs, seed {c['seed']}")
+
+# %% ../nbs/08_train.ipynb #e50987dc
 def _helper_model(cfg, runs_dir, progress):
     "HELP's standard-trained helper: a given run/checkpoint, or a clean run trained first (as the HAT code does)."
     if cfg['helper'] is not None:
@@ -239,7 +378,7 @@ def _helper_model(cfg, runs_dir, progress):
                                     'schedule', 'milestones', 'lr_factors', 'seed', 'n_train', 'n_eval', 'device', 'channels_last')},
                method='standard', objective='clean', epochs=cfg['helper_epochs'] or cfg['epochs'], suite='monitor',
                n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.helper", runs_dir=runs_dir, resume=True, progress=progress)
-    return train(**sub).model
+    return train(**sub).net
 
 
 def _model_from_checkpoint(cfg, path):
@@ -249,10 +388,34 @@ def _model_from_checkpoint(cfg, path):
     return m.eval()
 
 
+def _f2at_estimators(cfg, run_dir, device):
+    "F²AT's MI estimators: resumed, given, or pre-trained here on a PGD-AT source model (trained first when none is named)."
+    path = run_dir/'estimators.pt'
+    if cfg['f2at_estimators'] is not None: path = Path(cfg['f2at_estimators'])
+    elif not path.exists():
+        if cfg['f2at_source_run'] is not None: src = Run.load(cfg['f2at_source_run'])
+        else:
+            keys = ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'schedule', 'milestones', 'lr_factors',
+                    'eps', 'alpha', 'steps', 'seed', 'n_train', 'n_eval', 'device', 'channels_last', 'progress')
+            src = train(**{k: cfg[k] for k in keys}, method='standard', objective='pgdat', epochs=cfg['f2at_source_epochs'] or cfg['epochs'],
+                        suite='monitor', n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.source", runs_dir=cfg['runs_dir'], resume=True)
+        x, y = load_arrays(cfg['dataset'], 'train')
+        if cfg['n_train'] is not None: x, y = x[:cfg['n_train']], y[:cfg['n_train']]
+        en, ep, hist = pretrain_estimators(src.model(device=device), x, y, K=cfg['f2at_K'], eps=cfg['eps'], steps=cfg['steps'] or 10,
+                                           units=cfg['f2at_units'], source=cfg['f2at_source'], epochs=cfg['f2at_est_epochs'],
+                                           batch_size=cfg['f2at_est_batch'], seed=cfg['seed'], progress=cfg['progress'])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=cfg['f2at_K'], source=cfg['f2at_source'])
+    en, ep, meta = load_estimators(path)
+    if meta.get('K') not in (None, cfg['f2at_K']) or meta.get('source') not in (None, cfg['f2at_source']):
+        raise ConfigError(f"f2at_estimators: trained for K = {meta.get('K')} on {meta.get('source')!r}, not K = {cfg['f2at_K']} on {cfg['f2at_source']!r}")
+    return en, ep
+
+
 @dataclass
 class TrainResult(Run):
-    "A finished run with its trained (evaluation) model in memory."
-    model: nn.Module|None = None
+    "A finished run with its trained (evaluation) model in memory as `net` (`model()` reloads it from the checkpoint)."
+    net: nn.Module|None = None
 
 
 def train(**params) -> TrainResult:
@@ -269,10 +432,15 @@ def train(**params) -> TrainResult:
         if diff: raise ConfigError(f"resume: {run_dir} was created with different settings ({', '.join(diff)})")
     seed_everything(cfg['seed'])
     device = get_device(cfg['device'])
+    if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 and cfg['afa_from'] is None:
+        raise ConfigError("afa_from = None: AFA Stage II needs the Stage I run (afa_from='<run name or folder>')")
+    # models the method needs first (HELP's helper, F²AT's estimators) may train runs of their own
     helper = _helper_model(cfg, cfg['runs_dir'], cfg['progress']).to(device) if cfg['objective'] == 'help' else None
+    estimators = _f2at_estimators(cfg, run_dir, device) if cfg['method'] == 'f2at' else None
     seed_everything(cfg['seed'])
-    model = build_model(cfg)
-    method = build_method(cfg, helper)
+    stage1 = Run.load(cfg['afa_from']).checkpoint('last')['model'] if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 else None
+    model = build_model(cfg, stage1_state=stage1)
+    method = build_method(cfg, helper, estimators)
     x, y = load_arrays(cfg['dataset'], 'train')
     xt, yt = load_arrays(cfg['dataset'], 'test')
     loader = Loader(x, y, batch_size=cfg['batch_size'], shuffle=True, augment=default_augment(cfg['dataset']), seed=cfg['seed'],
@@ -282,8 +450,19 @@ def train(**params) -> TrainResult:
     if os.environ.get(RUN_DIR_FILE_ENV): Path(os.environ[RUN_DIR_FILE_ENV]).write_text(str(run_dir.resolve()))
     cbs = [EvalCB(xt.float()/255, yt, n=cfg['n_eval'], eps=cfg['eps'], every=cfg['eval_every']),
            MetricsCB(run_dir/'metrics.jsonl'), StepLogCB(run_dir/'steps.jsonl'),
-           CheckpointCB(run_dir/'checkpoints', every=cfg['checkpoint_every'], best_after=cfg['best_after'], patience=cfg['patience']),
-           ProgressCB(bar=cfg['progress'], summary=cfg['progress'])]
+           CheckpointCB(run_dir/'checkpoints', every=cfg['checkpoint_every'], best_after=cfg['best_after'], patience=cfg['patience'],
+                        keep_every=cfg['keep_epochs']),
+           ProgressCB(bar=cfg['progress'], summary=cfg['progress']),
+           HiderTracker(xt, yt, n=cfg['hider_n'], eps=cfg['eps'], intervals=cfg['hider_intervals'] or (1, 5, 20, 50),
+                        scale=cfg['hider_intervals'] is None, only_last=not cfg['hiders'], folder=run_dir,
+                        seed=cfg['seed']) if cfg['hiders'] else
+           HiderTracker(xt, yt, n=cfg['hider_n'], eps=cfg['eps'], intervals=(1,), scale=False, only_last=True, folder=run_dir,
+                        seed=cfg['seed'])]
+    # clean accuracy on a fixed training subset for the result model, and on train and test for jointly trained models
+    cbs.append(AccuracyCB({'': lambda l: l.eval_model()}, {'train': (x, y)}, n=cfg['n_eval']))
+    if cfg['method'] in ('dynat', 'lbgat'):
+        name = 'guide' if cfg['method'] == 'dynat' else 'natural'
+        cbs.append(AccuracyCB({name: lambda l: l.extra[name]}, {'train': (x, y), 'test': (xt, yt)}, n=cfg['n_eval']))
     schedule = Schedule(cfg['schedule'], cfg['lr'], cfg['epochs'], cfg['milestones'], cfg['lr_factors'])
     learn = Learner(model, method, loader, cfg['epochs'], cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['nesterov'],
                     schedule, cbs, device, cfg['channels_last'], cfg['amp'], cfg['compile'], config=stored)
@@ -293,6 +472,8 @@ def train(**params) -> TrainResult:
                       meta=dict(run=cfg['run_name'], arch=cfg['arch'], dataset=cfg['dataset'], method=cfg['method'],
                                 objective=cfg['objective'], epochs=cfg['epochs'], train_images=len(loader.x),
                                 checkpoint='last'))
+    last_rec = learn.history[-1] if learn.history else {}
+    report.metrics.update({f'hider_ratio_{k}': last_rec[f'hider_{k}_d1'] for k in ('adv', 'nat') if f'hider_{k}_d1' in last_rec})
     report.save(run_dir/'report.json')
     if cfg['report_best'] and (run_dir/'checkpoints'/'best.pt').exists():
         best = Run(run_dir, stored).model('best', device)
@@ -301,7 +482,7 @@ def train(**params) -> TrainResult:
                  meta=dict(report.meta, checkpoint='best', best_epoch=ck['epoch'] - 1)).save(run_dir/'report_best.json')
     return TrainResult(run_dir, stored, list(learn.history), report, result)
 
-# %% ../nbs/08_train.ipynb #49e6238e
+# %% ../nbs/08_train.ipynb #0242a7ff
 def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
                  parameters:dict|None=None, # papermill parameters
                  cwd:str|Path|None=None, # the kernel's working directory (default: the notebook's folder)
