@@ -5,7 +5,6 @@
 # %% ../nbs/12_afa.ipynb #63170e4e
 from __future__ import annotations
 
-import copy
 import math
 from functools import partial
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import Attack, IterativeAttack, PGD, ThreatModel, attack_mode
+from .attacks import Attack, IterativeAttack, PGD, attack_mode
 from .core import ConfigError, check, check_list
 from .methods import Method
 from .models import MultiBN, bn_branch, multibn_layers, set_bn_route
@@ -76,11 +75,10 @@ class AFA(Method):
         self.attacks = [self._branch_attack(e) for e in self.xi]
 
     def _branch_attack(self, xi):
+        "The objective's attack at radius ξ with OAT's step schedule."
         base = self.objective.attack
         if not isinstance(base, IterativeAttack): return base
-        atk = copy.copy(base)
-        atk.threat, atk.eps, atk.alpha, atk.steps = ThreatModel(base.norm, xi), xi, oat_step(xi, self.attack_steps), self.attack_steps
-        return atk
+        return base.with_budget(xi, oat_step(xi, self.attack_steps), self.attack_steps)
 
     def setup(self, model):
         layers = multibn_layers(model)
@@ -383,3 +381,5 @@ class OAT(Method):
     def eval_model(self, model):
         model.set_lambda(self.eval_lambda)
         return model
+
+    def __repr__(self): return f'OAT(eps={self.eps:.4g}, lambdas={self.lambdas}, eval_lambda={self.eval_lambda}, attack={self.attack!r})'

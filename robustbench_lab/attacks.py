@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Callable
 
@@ -285,6 +286,14 @@ class IterativeAttack(Attack):
                 idx = idx[alive]
                 if len(idx) == 0: break
         return x_adv.detach(), kappa
+
+    def with_budget(self, eps:float, alpha:float, steps:int, name:str|None=None) -> 'IterativeAttack':
+        "A copy with another radius, step and iteration count, keeping the loss, init, step rule and BN mode."
+        atk = copy.copy(self)
+        atk.threat = ThreatModel(self.norm, eps)
+        atk.eps, atk.alpha, atk.steps = atk.threat.eps, check('alpha', alpha, float, lo=0), check('steps', steps, int, lo=1)
+        atk.name = name or self.name
+        return atk
 
     # -- public --------------------------------------------------------------------------------------
     def perturb(self, model:nn.Module, x:torch.Tensor, y:torch.Tensor, return_stats:bool=False, eps:torch.Tensor|None=None):

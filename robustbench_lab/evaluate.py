@@ -25,8 +25,8 @@ from .core import ConfigError, atomic_write, check, check_list
 
 # %% auto #0
 __all__ = ['AA_VERSIONS', 'AA_ATTACKS', 'PAPER_EPS', 'SUITES', 'run_autoattack', 'autoattack', 'AA', 'Square', 'TransferAttack',
-           'attack_from_name', 'make_suite', 'Report', 'gradient_check', 'sanity_checks', 'model_correct', 'evaluate',
-           'Quantize', 'transfer_matrix', 'leaderboard', 'leaderboard_figure']
+           'attack_from_name', 'make_suite', 'Report', 'gradient_check', 'sanity_checks', 'craft', 'model_correct',
+           'evaluate', 'Quantize', 'transfer_matrix', 'leaderboard', 'leaderboard_figure']
 
 # %% ../nbs/04_evaluate.ipynb #4fd76899
 AA_VERSIONS = ('standard', 'rand', 'plus', 'custom')
@@ -406,6 +406,11 @@ def sanity_checks(model:nn.Module, x:torch.Tensor, y:torch.Tensor, clean:torch.T
     return flags
 
 
+def craft(attack:Attack, model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_size:int=256) -> torch.Tensor:
+    "Adversarial examples of `attack` against `model` for all of (x, y), in batches (float [0, 1] inputs)."
+    return torch.cat([attack(model, x[s], y[s]) for s in _slices(len(x), batch_size)])
+
+
 def model_correct(model, x, y) -> torch.Tensor:
     "Per-sample correctness of `model` (eval mode) on `x`."
     with torch.no_grad(), attack_mode(model, 'eval'): return model(x).argmax(1) == y
@@ -540,7 +545,7 @@ def transfer_matrix(models:dict, # name -> model (each on [0, 1] images)
         xs, ys = _as_float(x[:n]).to(device), y[:n].to(device).long()
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
             torch.manual_seed(seed)
-            x_adv = torch.cat([attack(models[src], xs[s], ys[s]) for s in _slices(n, batch_size)])
+            x_adv = craft(attack, models[src], xs, ys, batch_size)
         for tgt in names:
             dt = _model_device(models[tgt])
             ok = torch.cat([model_correct(models[tgt], xs[s].to(dt), ys[s].to(dt)) & model_correct(models[tgt], x_adv[s].to(dt), ys[s].to(dt))

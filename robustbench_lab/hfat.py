@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import IterativeAttack, ThreatModel
+from .attacks import IterativeAttack
 from .core import ConfigError, check
 from .methods import Method, WeightPerturbation, relative_direction
 from .objectives import Objective, PGDAT, batch_kl
@@ -86,10 +86,7 @@ class HFAT(Method):
     def _standard_attack(self, base):
         "The objective's own attack (loss, init) with HFAT's radius, step and iteration count."
         if not isinstance(base, IterativeAttack): return base
-        atk = copy.copy(base)
-        atk.threat, atk.eps, atk.alpha, atk.steps = ThreatModel(base.norm, self.eps_s), self.eps_s, self.alpha_s, self.steps_s
-        atk.name = f'HFAT standard branch ({base.name}, {self.steps_s} steps)'
-        return atk
+        return base.with_budget(self.eps_s, self.alpha_s, self.steps_s, f'HFAT standard branch ({base.name}, {self.steps_s} steps)')
 
     def setup(self, model):
         self.proxy = copy.deepcopy(model)

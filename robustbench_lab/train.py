@@ -453,11 +453,10 @@ def train(**params) -> TrainResult:
            CheckpointCB(run_dir/'checkpoints', every=cfg['checkpoint_every'], best_after=cfg['best_after'], patience=cfg['patience'],
                         keep_every=cfg['keep_epochs']),
            ProgressCB(bar=cfg['progress'], summary=cfg['progress']),
-           HiderTracker(xt, yt, n=cfg['hider_n'], eps=cfg['eps'], intervals=cfg['hider_intervals'] or (1, 5, 20, 50),
-                        scale=cfg['hider_intervals'] is None, only_last=not cfg['hiders'], folder=run_dir,
-                        seed=cfg['seed']) if cfg['hiders'] else
-           HiderTracker(xt, yt, n=cfg['hider_n'], eps=cfg['eps'], intervals=(1,), scale=False, only_last=True, folder=run_dir,
-                        seed=cfg['seed'])]
+           # every run reports its end-of-run hider ratio (Δ = 1); `hiders=True` tracks all intervals every epoch
+           HiderTracker(xt, yt, n=cfg['hider_n'], eps=cfg['eps'], folder=run_dir, seed=cfg['seed'],
+                        intervals=(cfg['hider_intervals'] or (1, 5, 20, 50)) if cfg['hiders'] else (1,),
+                        scale=cfg['hiders'] and cfg['hider_intervals'] is None, only_last=not cfg['hiders'])]
     # clean accuracy on a fixed training subset for the result model, and on train and test for jointly trained models
     cbs.append(AccuracyCB({'': lambda l: l.eval_model()}, {'train': (x, y)}, n=cfg['n_eval']))
     if cfg['method'] in ('dynat', 'lbgat'):
