@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from robustbench_lab.data import load_arrays
-from robustbench_lab.evaluate import AA, evaluate, make_suite
+from robustbench_lab.evaluate import AA, Report, evaluate, make_suite
 from robustbench_lab.train import Run, train
 
 # the one training budget: small_cnn (width 32), first 5,000 CIFAR-10 training images, 8 epochs, batch 128,
@@ -35,6 +35,11 @@ def evaluate_run(r, suite, eps=8/255, n=N_EVAL, n_aa=N_AA, tag=None):
     aas = [a for a in attacks if isinstance(a, AA) and a.version != 'rand']
     tag = tag or suite
     out = {}
+    saved, saved_aa = r.dir/f'report_{tag}.json', r.dir/f'report_{tag}_aa{n_aa}.json'
+    if saved.exists() and (saved_aa.exists() or not aas):  # evaluated by an earlier (or a parallel) invocation
+        out['main'] = Report.load(saved)
+        if aas: out['aa'] = Report.load(saved_aa)
+        return out
     t = time.time()
     rep = evaluate(model, x, y, main, n=n, meta=dict(run=r.name, arch=r.config['arch'], dataset='cifar10', suite=suite))
     rep.save(r.dir/f'report_{tag}.json'); out['main'] = rep
