@@ -51,9 +51,11 @@ sync-check: venv
 	  git status --short -- robustbench_lab 2>/dev/null; exit 1; \
 	fi; echo "robustbench_lab/ matches the notebooks."
 
-# one intra-op thread per notebook worker: two workers with two threads each on two cores spin against each other
+# one intra-op thread per notebook worker: two workers with two threads each on two cores spin against each other.
+# The notebooks' runs (the pipelines' and the figure notebooks' tiny stand-ins) go to .test-runs/, never to runs/:
+# a figure notebook under test must not pick up a researcher's real CIFAR runs (hours of evaluation) by name.
 nbtest: venv
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/nbdev-test --n-workers $(NBDEV_WORKERS) --timing
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} RBLAB_RUNS=$(CURDIR)/.test-runs $(BIN)/nbdev-test --n-workers $(NBDEV_WORKERS) --timing
 
 pytest: venv
 	$(BIN)/python -m pytest -q --durations=15 tests
