@@ -74,17 +74,17 @@ class DYNAT(Method):
     def compute_grads(self, model, x, y, backward):
         obj = self.objective
         self.guide.train()
+        z_g = self.guide(x)  # one train-mode guide pass per batch gives both its loss and the dynamic labels
+        y_dyn = z_g.argmax(1).detach() if self.guide_train_mode else dynamic_labels(self.guide, x, False)
         if self.inner == 'trades': x_adv = obj.perturb(model, x, y, attack=self.kl_attack, bn_mode=self.bn_mode)
         elif self.inner == 'label': x_adv = obj.perturb(model, x, y, bn_mode=self.bn_mode)
-        else: x_adv = obj.perturb(model, x, dynamic_labels(self.guide, x, self.guide_train_mode), bn_mode=self.bn_mode)
+        else: x_adv = obj.perturb(model, x, y_dyn, bn_mode=self.bn_mode)
         model.train()
         if self.awp_gamma and self.epoch >= self.warmup:
             def proxy_loss(p):
                 z = p(x)
                 return F.cross_entropy(z, y) + self.awp_beta*batch_kl(z, p(x_adv)).mean()
             self._pert = WeightPerturbation(relative_direction(model, self.proxy, proxy_loss), self.awp_gamma).apply()
-        z_g = self.guide(x)
-        y_dyn = z_g.argmax(1).detach() if self.guide_train_mode else dynamic_labels(self.guide, x, False)
         ce_g = F.cross_entropy(z_g, y)
         loss_t, logs = obj.loss(model, x, x_adv, y_dyn)
         loss = ce_g + self.lam*loss_t
