@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ConfigError, check
+from .core import ConfigError, check, random_scope, sample_rand, sample_randn, shared_generator
 
 # %% auto #0
 __all__ = ['LOSSES', 'BN_MODES', 'INITS', 'ce_loss', 'cw_loss', 'cw_hinge_loss', 'kl_loss', 'dlr_loss', 'ThreatModel',
@@ -155,7 +155,7 @@ class VarianceTuning:
     def __call__(self, g, x_adv, grad_fn, state):
         v = state.get('vt_v', torch.zeros_like(g))
         r = self.beta*state['eps']
-        neigh = sum(grad_fn(x_adv + torch.empty_like(x_adv).uniform_(-r, r)) for _ in range(self.n))/self.n
+        neigh = sum(grad_fn(x_adv + (2*sample_rand(x_adv.shape, x_adv.device, x_adv.dtype) - 1)*r) for _ in range(self.n))/self.n
         state['vt_v'] = neigh - g
         return g + v
 
@@ -197,7 +197,9 @@ class IterativeAttack(Attack):
                  early_stop:bool=False, # stop updating a sample once it is misclassified
                  targeted:bool=False, # y is the target: descend the loss instead
                  bn_mode:str='eval', # BN mode during the attack: 'eval', 'train' or 'keep'
-                 seed:int|None=None, # private generator for the random parts; None: torch's global RNG
+                 seed:int|None=None, # key the random parts on this seed (a `random_scope` of its own); None: the enclosing scope's
+                 clip_start:bool=True, # project the random start onto the ball and [0, 1]; False: the TRADES-family code's raw x + 0.001·N(0, I)
+                 select_forward:bool=False, # one more forward after the last step even with one restart (Rice/AWP/HFAT `attack_pgd`; train mode: a BN update)
                  name:str|None=None, # label in reports
                 ):
         self.threat = ThreatModel(norm, eps)
@@ -218,25 +220,25 @@ class IterativeAttack(Attack):
         self.early_stop, self.targeted = check('early_stop', early_stop, bool), check('targeted', targeted, bool)
         self.bn_mode = check('bn_mode', bn_mode, str, choices=BN_MODES)
         self.seed = check('seed', seed, int, lo=0, allow_none=True)
+        self.clip_start, self.select_forward = check('clip_start', clip_start, bool), check('select_forward', select_forward, bool)
         self.name = name or self.name
 
     # -- pieces ------------------------------------------------------------------------------------
-    def _randn(self, x, gen): return torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-
-    def _start(self, x, gen, eps):
-        "Starting point; `eps` is a float or a per-sample tensor of shape (N, 1, ..., 1)."
+    def _start(self, x, eps):
+        "Starting point (keyed draws, see `random_scope`); `eps` is a float or a per-sample tensor of shape (N, 1, ..., 1)."
         if self.init == 'none' or (not isinstance(eps, torch.Tensor) and eps == 0): return x.clone()
-        if self.init == 'normal': return self.threat.project(x + self.init_std*self._randn(x, gen), x, eps)
+        keep = self.threat.project if self.clip_start else (lambda z, x, e: z)
+        if self.init == 'normal': return keep(x + self.init_std*sample_randn(x.shape, x.device, x.dtype), x, eps)
         if self.norm == 'Linf':
-            u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            return self.threat.project(x + (2*u - 1)*eps, x, eps)
-        d = self._randn(x, gen).flatten(1)
-        r = torch.rand(len(x), 1, generator=gen, device=x.device, dtype=x.dtype) ** (1/d.shape[1])
+            u = sample_rand(x.shape, x.device, x.dtype)
+            return keep(x + (2*u - 1)*eps, x, eps)
+        d = sample_randn(x.shape, x.device, x.dtype).flatten(1)
+        r = sample_rand((len(x), 1), x.device, x.dtype) ** (1/d.shape[1])
         step = (d/d.norm(dim=1, keepdim=True)*r).view_as(x)*eps
-        return self.threat.project(x + step, x, eps)
+        return keep(x + step, x, eps)
 
-    def _losses(self, model, x_in, y, clean, gen):
-        logits = model(self.input_transform(x_in, gen) if self.input_transform else x_in)
+    def _losses(self, model, x_in, y, clean):
+        logits = model(self.input_transform(x_in, shared_generator(x_in.device)) if self.input_transform else x_in)
         loss = self.loss_fn(logits, y, clean)
         return logits, (-loss if self.targeted else loss)
 
@@ -245,14 +247,14 @@ class IterativeAttack(Attack):
         return pred == y if self.targeted else pred != y
 
     # -- one run -----------------------------------------------------------------------------------
-    def _run(self, model, x, y, clean, gen, count_correct, eps=None):
+    def _run(self, model, x, y, clean, count_correct, eps=None):
         "One restart. Under early stopping only the still-unbroken samples are forwarded (`idx`)."
         n, shape1 = len(x), [1]*(x.dim() - 1)
         everyone = torch.arange(n, device=x.device)
         # per-sample radius (AFA's random strengths): steps scale with it, alpha_i = alpha·eps_i/eps
         eps_t = self.eps if eps is None else eps.reshape(-1, *shape1).to(x)
         alpha_t = self.alpha if eps is None else self.alpha*eps_t/max(self.eps, 1e-12)
-        x_adv = self._start(x, gen, eps_t)
+        x_adv = self._start(x, eps_t)
         buf = torch.zeros_like(x) if self.momentum > 0 else None
         state = dict(eps=self.eps)
         kappa = torch.zeros(n, dtype=torch.long, device=x.device) if count_correct else None
@@ -261,7 +263,7 @@ class IterativeAttack(Attack):
             sub = self.early_stop and len(idx) < n
             xa = (x_adv[idx] if sub else x_adv).detach().requires_grad_(True)
             ya, ca = (y[idx], None if clean is None else clean[idx]) if sub else (y, clean)
-            logits, loss = self._losses(model, xa, ya, ca, gen)
+            logits, loss = self._losses(model, xa, ya, ca)
             g, = torch.autograd.grad(loss.sum(), xa)
             if count_correct or self.early_stop:
                 alive = ~self._fooled(logits.detach(), ya)
@@ -269,7 +271,7 @@ class IterativeAttack(Attack):
             if self.grad_transform is not None:
                 def grad_fn(z):
                     z = z.detach().requires_grad_(True)
-                    return torch.autograd.grad(self._losses(model, z, y, clean, gen)[1].sum(), z)[0]
+                    return torch.autograd.grad(self._losses(model, z, y, clean)[1].sum(), z)[0]
                 g = self.grad_transform(g, xa.detach(), grad_fn, state)
             if buf is not None:
                 b = self.momentum*(buf[idx] if sub else buf) + g/g.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *shape1)
@@ -304,15 +306,15 @@ class IterativeAttack(Attack):
             if not isinstance(eps, torch.Tensor) or eps.numel() != len(x) or (eps < 0).any() or (eps > self.eps + 1e-12).any():
                 raise ConfigError(f'eps: a per-sample radius must be a tensor of {len(x)} values in [0, {self.eps:.4g}] (the attack\'s eps)')
         if self.eps == 0 and not return_stats: return x.detach().clone()  # a zero radius leaves nothing to search
-        gen = torch.Generator(device=x.device).manual_seed(self.seed) if self.seed is not None else None
-        need_final = return_stats or self.restarts > 1
-        with attack_mode(model, self.bn_mode):
+        need_final = return_stats or self.restarts > 1 or self.select_forward
+        scope = random_scope(self.seed, total=len(x)) if self.seed is not None else contextlib.nullcontext()
+        with scope, attack_mode(model, self.bn_mode):
             with torch.no_grad():
                 # KL (and any user loss) may need the clean prediction; the built-in label losses do not
                 clean = None if self.loss_fn in (ce_loss, cw_loss, dlr_loss) else model(x).detach()
             best = best_loss = best_fooled = kappa = None
             for r in range(self.restarts):
-                x_adv, k = self._run(model, x, y, clean, gen, count_correct=return_stats, eps=eps)
+                x_adv, k = self._run(model, x, y, clean, count_correct=return_stats, eps=eps)
                 if not need_final: return x_adv
                 with torch.no_grad():
                     logits = model(x_adv)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import torch
 # %% auto #0
 __all__ = ['SETTINGS_SECTION', 'ENV_VARS', 'DEFAULT_SETTINGS', 'ConfigError', 'check', 'check_list', 'find_settings_file',
            'Settings', 'settings', 'available_devices', 'get_device', 'seed_everything', 'get_rng_state',
-           'set_rng_state', 'atomic_write']
+           'set_rng_state', 'mix_seed', 'RandomScope', 'random_scope', 'random_subset', 'sample_rand', 'sample_randn',
+           'shared_rand', 'shared_generator', 'sample_rows', 'atomic_write']
 
 # %% ../nbs/00_core.ipynb #5da0b6dd
 class ConfigError(ValueError):
@@ -66,7 +68,7 @@ def check(name:str, # parameter name, as the user spells it
     elif type is float:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real): _fail(name, value, allowed)
         value = float(value)
-        if value != value: _fail(name, value, allowed)  # NaN
+        if not math.isfinite(value): _fail(name, value, allowed + ' (finite)')  # NaN and ±inf are never settings
     elif type is str:
         if not isinstance(value, str): _fail(name, value, allowed)
     elif type is not None and not isinstance(value, type): _fail(name, value, allowed)
@@ -156,7 +158,8 @@ def settings(data_dir:str|Path|None=None, # overrides everything else
     vals, src = {}, {}
     for k, default in DEFAULT_SETTINGS.items():
         if args[k] is not None: v, s, base = args[k], 'argument', Path.cwd()
-        elif os.environ.get(ENV_VARS[k]): v, s, base = os.environ[ENV_VARS[k]], f'env {ENV_VARS[k]}', Path.cwd()
+        elif os.environ.get(ENV_VARS[k]):
+            v, s, base = os.environ[ENV_VARS[k]], f'env {ENV_VARS[k]}', path.parent if path is not None else Path.cwd()
         elif k in ini: v, s, base = ini[k], f'settings.ini {path}', path.parent
         else: v, s, base = default, 'default', Path.cwd()
         if k.endswith('_dir'):
@@ -243,9 +246,115 @@ def set_rng_state(state:dict # as returned by `get_rng_state`
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
+# %% ../nbs/00_core.ipynb #859f6520
+import contextlib
+import contextvars
+import hashlib
+
+
+def mix_seed(*ints:int) -> int:
+    "A 63-bit seed from a tuple of ints (stable across processes and platforms, unlike `hash`)."
+    h = hashlib.blake2b(repr(tuple(int(i) for i in ints)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, 'little') & (2**63 - 1)
+
+
+class RandomScope:
+    "The state of one `random_scope`: its key, a draw counter shared with sub-scopes, the rows held here."
+    def __init__(self, key:tuple, total:int|None, index:torch.Tensor|None, counter:list|None=None):
+        self.key, self.total, self.index = key, total, index
+        self.counter = counter if counter is not None else [0]
+
+    def generator(self, device) -> torch.Generator:
+        "A fresh generator for the next draw of this scope."
+        g = torch.Generator(device=device).manual_seed(mix_seed(*self.key, self.counter[0]))
+        self.counter[0] += 1
+        return g
+
+    def rows(self, n:int, device) -> tuple[int, torch.Tensor|None]:
+        "(rows to draw, which of them belong to the `n` samples here): the global batch when this scope knows it."
+        if self.total is None or self.index is None or len(self.index) != n: return n, None
+        return self.total, self.index.to(device)
+
+
+_SCOPE: contextvars.ContextVar = contextvars.ContextVar('robustbench_lab_random_scope', default=None)
+
+
+@contextlib.contextmanager
+def random_scope(*key:int, # what the draws are a function of, e.g. (seed, epoch, batch)
+                 total:int|None=None, # rows of the global batch (None: the batch at hand)
+                 index:torch.Tensor|None=None, # positions of the rows held here within the global batch (default: all)
+                ):
+    "Inside the block, `sample_rand`/`sample_randn`/`shared_rand` draw as a function of `key`, draw order and global row."
+    if index is None and total is not None: index = torch.arange(total)
+    token = _SCOPE.set(RandomScope(tuple(int(k) for k in key), total, index))
+    try: yield _SCOPE.get()
+    finally: _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def random_subset(rows:torch.Tensor # which rows of the current batch the enclosed draws are for (bool mask or indices)
+                 ):
+    "Draws inside the block are for a subset of the current batch (e.g. OAT attacks only its λ > 0 samples)."
+    s = _SCOPE.get()
+    if s is None or s.index is None: yield; return
+    rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+    token = _SCOPE.set(RandomScope(s.key, s.total, s.index[rows.cpu()], s.counter))
+    try: yield
+    finally: _SCOPE.reset(token)
+
+
+def _draw(kind, shape, device, dtype):
+    s = _SCOPE.get()
+    if s is None: return None
+    n = shape[0]
+    rows, keep = s.rows(n, device)
+    g = s.generator(device)
+    full = (torch.rand if kind == 'uniform' else torch.randn)((rows, *shape[1:]), generator=g, device=device, dtype=dtype)
+    return full if keep is None else full[keep]
+
+
+def sample_rand(shape:tuple, device=None, dtype=torch.float32) -> torch.Tensor:
+    "U[0, 1) draws whose first dimension runs over the batch's samples (keyed inside a `random_scope`)."
+    out = _draw('uniform', tuple(shape), device or 'cpu', dtype)
+    return out if out is not None else torch.rand(shape, device=device, dtype=dtype)
+
+
+def sample_randn(shape:tuple, device=None, dtype=torch.float32) -> torch.Tensor:
+    "N(0, 1) draws whose first dimension runs over the batch's samples (keyed inside a `random_scope`)."
+    out = _draw('normal', tuple(shape), device or 'cpu', dtype)
+    return out if out is not None else torch.randn(shape, device=device, dtype=dtype)
+
+
+def shared_rand(shape:tuple=(), device=None, dtype=torch.float32) -> torch.Tensor:
+    "U[0, 1) draws for the batch as a whole (HFAT's hider position, a mixup λ): the same in every process of a scope."
+    s = _SCOPE.get()
+    if s is None: return torch.rand(shape, device=device, dtype=dtype)
+    return torch.rand(shape, generator=s.generator(device or 'cpu'), device=device, dtype=dtype)
+
+
+def shared_generator(device=None) -> torch.Generator|None:
+    "A generator for whole-batch draws of other kinds (permutations, integers); None outside a scope."
+    s = _SCOPE.get()
+    return s.generator(device or 'cpu') if s is not None else None
+
+
+def sample_rows(t:torch.Tensor # a draw made for the whole global batch (first dimension: its rows)
+               ) -> torch.Tensor:
+    "The rows of `t` that this process holds in the current scope (all of them outside a scope or a split)."
+    s = _SCOPE.get()
+    if s is None or s.index is None or s.total != len(t): return t
+    return t[s.index.to(t.device)]
+
 # %% ../nbs/00_core.ipynb #8372e4f1
 import contextlib
 import tempfile
+
+
+def _umask() -> int:
+    "The process umask (read by setting it and putting it back)."
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -260,6 +369,7 @@ def atomic_write(path:str|Path, # final file name
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -13,19 +13,19 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import ConfigError, check, settings, get_device
+from .core import ConfigError, check, get_device, mix_seed, settings
 
 # %% auto #0
 __all__ = ['CIFAR10_CLASSES', 'DATASETS', 'OFFICIAL_MD5', 'CONTENT_MD5', 'FASHION_FILES', 'DEBIAN_FASHION_DIR', 'HOW_TO_PROVIDE',
            'DatasetInfo', 'dataset_info', 'num_classes', 'channel_stats', 'ChecksumError', 'verify_file', 'read_npz',
            'read_cifar_pickle', 'read_svhn_mat', 'read_idx', 'read_tinyimagenet', 'read_digits', 'candidates',
-           'DataNotFoundError', 'load_arrays', 'CropFlip', 'Loader', 'default_augment']
+           'DataNotFoundError', 'load_arrays', 'CropFlip', 'shard', 'BatchInfo', 'Loader', 'default_augment']
 
 # %% ../nbs/01_data.ipynb #b4336f9a
 @dataclass(frozen=True)
@@ -354,18 +354,23 @@ class CropFlip:
 
     def __repr__(self): return f'CropFlip(padding={self.padding}, flip={self.flip}, mode={self.mode!r})'
 
-    def params(self, n:int, h:int, w:int, gen:torch.Generator):
-        "Draw the crop offsets and flip flags for `n` images."
+    def params(self, n:int, gen:torch.Generator) -> torch.Tensor:
+        "Crop offsets and flip flags for `n` images, as an n×3 integer tensor (rows can be sliced like the batch)."
         p = self.padding
         oy = torch.randint(0, 2*p + 1, (n,), generator=gen)
         ox = torch.randint(0, 2*p + 1, (n,), generator=gen)
         fl = torch.rand(n, generator=gen) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        return oy, ox, fl
+        return torch.stack([oy, ox, fl.long()], 1)
 
     def __call__(self, x:torch.Tensor, gen:torch.Generator) -> torch.Tensor:
         "Augment float batch `x` with randomness from `gen` (a CPU generator)."
+        return self.apply(x, self.params(len(x), gen))
+
+    def apply(self, x:torch.Tensor, params:torch.Tensor) -> torch.Tensor:
+        "Crop and flip batch `x` as `params` (from `params`) say."
         n, c, h, w = x.shape
-        oy, ox, fl = (t.to(x.device) for t in self.params(n, h, w, gen))
+        oy, ox, fl = params.to(x.device).unbind(1)
+        fl = fl.bool()
         p = self.padding
         xp = F.pad(x, (p, p, p, p), mode=self.mode) if p else x
         rows = oy[:, None] + torch.arange(h, device=x.device)
@@ -375,10 +380,22 @@ class CropFlip:
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 # %% ../nbs/01_data.ipynb #f760a572
-def _mix(*ints) -> int:
-    "A 63-bit seed from a tuple of ints (stable across processes, unlike `hash`)."
-    h = hashlib.blake2b(repr(ints).encode(), digest_size=8).digest()
-    return int.from_bytes(h, 'little') & (2**63 - 1)
+def shard(n:int, # rows of a global batch
+          rank:int, # this process
+          world_size:int, # processes sharing the batch
+         ) -> slice:
+    "The contiguous rows of an n-row global batch that process `rank` of `world_size` holds (sizes differ by at most one)."
+    base, extra = divmod(n, world_size)
+    start = rank*base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+class BatchInfo(NamedTuple):
+    "Where a served batch sits: its epoch and index, the global batch's size, and the rows of it held here."
+    epoch: int
+    index: int
+    total: int
+    rows: slice
 
 
 class Loader:
@@ -394,8 +411,12 @@ class Loader:
                  device:str|torch.device|None='cpu', # where batches are served; None: the settings' device
                  drop_last:bool=False, # drop a final incomplete batch
                  channels_last:bool=False, # serve batches in channels-last memory format
+                 rank:int=0, # this process's share of every batch (distributed training)
+                 world_size:int=1, # processes sharing every batch; `batch_size` is the global batch
                 ):
         check('batch_size', batch_size, int, lo=1)
+        self.world_size = check('world_size', world_size, int, lo=1, hi=batch_size)
+        self.rank = check('rank', rank, int, lo=0, hi=world_size - 1)
         check('n', n, int, lo=1, allow_none=True)
         if len(x) != len(y): raise ConfigError(f'x and y: {len(x)} images but {len(y)} labels')
         if n is not None:
@@ -418,19 +439,23 @@ class Loader:
     def order(self, epoch:int) -> torch.Tensor:
         "The sample order of `epoch` (identity unless shuffling)."
         if not self.shuffle: return torch.arange(len(self.x))
-        return torch.randperm(len(self.x), generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+        return torch.randperm(len(self.x), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
 
-    def batches(self, epoch:int, start:int=0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        "Batches `start, start+1, ...` of `epoch`; identical to those of an uninterrupted pass."
+    def batches(self, epoch:int, start:int=0, info:bool=False) -> Iterator[tuple]:
+        "Batches `start, start+1, ...` of `epoch` (this process's rows); identical to those of an uninterrupted pass. `info`: also a `BatchInfo`."
         idx = self.order(epoch).to(self.device)
         for b in range(start, len(self)):
-            i = idx[b*self.batch_size:(b + 1)*self.batch_size]
+            glob = idx[b*self.batch_size:(b + 1)*self.batch_size]
+            rows = shard(len(glob), self.rank, self.world_size)
+            i = glob[rows]
             xb = self.x[i]
             xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
             if self.augment is not None:
-                xb = self.augment(xb, torch.Generator().manual_seed(_mix(self.seed, epoch, b)))
+                gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, b))
+                # the draws of the whole global batch, then this process's rows: a split batch is augmented as a whole one
+                xb = self.augment.apply(xb, self.augment.params(len(glob), gen)[rows]) if hasattr(self.augment, 'apply') else self.augment(xb, gen)
             if self.channels_last: xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, self.y[i]
+            yield (xb, self.y[i], BatchInfo(epoch, b, len(glob), rows)) if info else (xb, self.y[i])
 
     def __iter__(self): return self.batches(self.epoch)
 

@@ -22,7 +22,7 @@ from .data import dataset_info
 __all__ = ['NormLayer', 'VGG16_CFG', 'ARCHS', 'KNOWN_ARCHS', 'Normalize', 'MultiBN', 'multibn_layers', 'set_bn_branch',
            'set_bn_mix', 'set_bn_route', 'bn_branch', 'bn_mix', 'ImageClassifier', 'BasicBlock', 'Bottleneck', 'ResNet',
            'PreActBlock', 'PreActResNet', 'WideBlock', 'NetworkBlock', 'WideResNet', 'VGG', 'SmallCNN', 'create_model',
-           'count_parameters', 'reference_resnet18_path', 'reference_resnet18']
+           'count_parameters', 'repeat_bn_updates', 'no_bn_update', 'reference_resnet18_path', 'reference_resnet18']
 
 # %% ../nbs/02_models.ipynb #fee234b5
 class Normalize(nn.Module):
@@ -204,15 +204,17 @@ class Bottleneck(nn.Module):
 
 class ResNet(ImageClassifier):
     "CIFAR ResNet (He et al.) with the conv1/bn1/layer1..4/linear names of the common CIFAR code."
-    def __init__(self, block, num_blocks, num_classes=10, in_channels=3, norm_layer:NormLayer=nn.BatchNorm2d, normalize=None):
+    def __init__(self, block, num_blocks, num_classes=10, in_channels=3, norm_layer:NormLayer=nn.BatchNorm2d, normalize=None,
+                 strides=(1, 2, 2, 2), # of layer1..4; (1, 1, 2, 2) is the LBGAT/DYNAT code's `ResNet18_cifar`
+                ):
         super().__init__(normalize)
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = norm_layer(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1, norm_layer)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2, norm_layer)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2, norm_layer)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2, norm_layer)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], strides[0], norm_layer)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], strides[1], norm_layer)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], strides[2], norm_layer)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], strides[3], norm_layer)
         self.linear = nn.Linear(512*block.expansion, num_classes)
 
     def _make_layer(self, block, planes, n, stride, norm_layer):
@@ -369,6 +371,8 @@ ARCHS = {
     'small_cnn': SmallCNN,
     'preact_resnet18': partial(PreActResNet, (2, 2, 2, 2)),
     'resnet18': partial(ResNet, BasicBlock, (2, 2, 2, 2)),
+    # the LBGAT/DYNAT code's `ResNet18_cifar` (their natural model and guide): layer2 keeps stride 1, so layer4 works at 8×8
+    'resnet18_s1': partial(ResNet, BasicBlock, (2, 2, 2, 2), strides=(1, 1, 2, 2)),
     'resnet34': partial(ResNet, BasicBlock, (3, 4, 6, 3)),
     'resnet50': partial(ResNet, Bottleneck, (3, 4, 6, 3)),
     'vgg16': VGG,
@@ -402,6 +406,36 @@ def create_model(name:str, # architecture: see `KNOWN_ARCHS`
 def count_parameters(model:nn.Module) -> int:
     "Number of trainable parameters."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+# %% ../nbs/02_models.ipynb #2af78e97
+@contextlib.contextmanager
+def repeat_bn_updates(model:nn.Module, # in train mode
+                      k:int, # how many identical forwards one forward stands for
+                     ):
+    "Inside the block, a train-mode forward updates BN running statistics as `k` forwards of the same batch would."
+    k = check('k', k, int, lo=1)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if k == 1 or not bns: yield; return
+    if any(m.momentum is None for m in bns): raise ConfigError('repeat_bn_updates: BN layers with momentum=None (cumulative averages) are not supported')
+    saved = [(m, m.momentum, int(m.num_batches_tracked)) for m in bns]
+    try:
+        for m, mom, _ in saved: m.momentum = 1 - (1 - mom)**k
+        yield
+    finally:
+        for m, mom, n in saved:
+            m.momentum = mom
+            if int(m.num_batches_tracked) > n: m.num_batches_tracked.add_(k - 1)
+
+# %% ../nbs/02_models.ipynb #acb80252
+@contextlib.contextmanager
+def no_bn_update(model:nn.Module):
+    "Inside the block, train-mode BatchNorm normalises with batch statistics but leaves its running statistics (and counter) alone."
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    try:
+        for m in bns: m.track_running_stats = False
+        yield model
+    finally:
+        for m in bns: m.track_running_stats = True
 
 # %% ../nbs/02_models.ipynb #f7ec23ab
 def reference_resnet18_path() -> Path:

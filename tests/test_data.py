@@ -164,7 +164,7 @@ def test_cropflip_is_a_shifted_window_of_the_padded_image():
     for mode in ('constant', 'reflect'):
         aug = CropFlip(padding=3, mode=mode)
         out = aug(x, torch.Generator().manual_seed(5))
-        oy, ox, fl = aug.params(16, 10, 10, torch.Generator().manual_seed(5))
+        oy, ox, fl = aug.params(16, torch.Generator().manual_seed(5)).unbind(1)
         xp = F.pad(x, (3, 3, 3, 3), mode=mode)
         for i in range(16):
             win = xp[i, :, oy[i]:oy[i]+10, ox[i]:ox[i]+10]
