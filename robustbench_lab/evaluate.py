@@ -21,12 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import (FGSM, MIM, PGD, Attack, CWInf, attack_mode)
-from .core import ConfigError, atomic_write, check, check_list
+from . import distributed
+from .core import ConfigError, atomic_write, check, check_list, random_scope
 
 # %% auto #0
 __all__ = ['AA_VERSIONS', 'AA_ATTACKS', 'PAPER_EPS', 'SUITES', 'run_autoattack', 'autoattack', 'AA', 'Square', 'TransferAttack',
            'attack_from_name', 'make_suite', 'Report', 'gradient_check', 'sanity_checks', 'craft', 'model_correct',
-           'evaluate', 'Quantize', 'transfer_matrix', 'leaderboard', 'leaderboard_figure']
+           'evaluate', 'evaluate_worker', 'Quantize', 'transfer_matrix', 'leaderboard', 'leaderboard_figure']
 
 # %% ../nbs/04_evaluate.ipynb #4fd76899
 AA_VERSIONS = ('standard', 'rand', 'plus', 'custom')
@@ -85,20 +86,24 @@ def run_autoattack(model:nn.Module, x:torch.Tensor, y:torch.Tensor, eps:float, n
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), attack_mode(model, 'eval'):
             if state['robust'] is None:
                 with torch.no_grad():
-                    state['robust'] = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                                                 for i in range(0, len(x), batch_size)]).cpu()
+                    state['robust'] = torch.cat(distributed.map_batches(lambda s: (model(x[s]).argmax(1) == y[s]).cpu(), _slices(len(x), batch_size)))
                 state['x_adv'] = x.detach().cpu().clone()
                 _aa_save(state_path, state)
             for name in plan:
                 if name in state['done']: continue
                 idx = state['robust'].nonzero().flatten()
-                if len(idx):
-                    adversary.attacks_to_run = [name]
-                    xa, ya = adversary.run_standard_evaluation(x[idx.to(device)].contiguous(), y[idx.to(device)].contiguous(),
-                                                               batch_size=batch_size)
-                    broken = (ya != y[idx.to(device)]).cpu()
-                    state['robust'][idx[broken]] = False
-                    state['x_adv'][idx[broken]] = xa[broken.to(device)].detach().cpu()
+                adversary.attacks_to_run = [name]
+                # one AutoAttack call per batch of the still-robust points (AutoAttack's own batching, made explicit): in a process
+                # group the batches are dealt out and the per-sample results are those of a single process
+                def run_batch(s, name=name, idx=idx):
+                    j = idx[s].to(device)
+                    xa, ya = adversary.run_standard_evaluation(x[j].contiguous(), y[j].contiguous(), batch_size=batch_size)
+                    return (ya != y[j]).cpu(), xa.detach().cpu()
+                slices = _slices(len(idx), batch_size)
+                for s, (broken, xa) in zip(slices, distributed.map_batches(run_batch, slices)):
+                    j = idx[s]
+                    state['robust'][j[broken]] = False
+                    state['x_adv'][j[broken]] = xa[broken]
                 state['done'].append(name)
                 _aa_save(state_path, state)
     finally:
@@ -111,8 +116,8 @@ def _digest(x): return torch.tensor([float(x.double().sum()), float((x.double()*
 
 
 def _aa_save(state_path, state):
-    "Persist the AutoAttack progress atomically."
-    if state_path is None: return
+    "Persist the AutoAttack progress atomically (rank 0 of a process group)."
+    if state_path is None or not distributed.is_main(): return
     with atomic_write(state_path) as f: torch.save(state, f)
 
 
@@ -337,14 +342,27 @@ class Report:
 
     def to_robustbench(self, name:str='', link:str='', authors:str='', venue:str='', additional_data:bool=False,
                        architecture:str|None=None, reported:float|None=None, footnote:str|None=None) -> dict:
-        "RobustBench model-info fields (accuracies as percentage strings); `autoattack_acc` from the `AA` attack."
+        "RobustBench model-info fields (accuracies as percentage strings); `autoattack_acc` from the `AA` attack, flagged unless standard."
         aa = self.robust_accuracy.get('AA')
+        why = self.autoattack_caveats() if aa is not None else []
+        why += [f"sanity flag {f['code']}: {f['message']}" for f in self.flags if f.get('kind') != 'mechanism']
+        note = '; '.join(([footnote] if footnote else []) + why) or None
         return dict(link=link, name=name, authors=authors, additional_data=additional_data, number_forward_passes=1,
                     dataset=self.meta.get('dataset', ''), venue=venue, architecture=architecture or self.meta.get('arch', ''),
                     eps=_eps_label(self.meta['eps']) if self.meta.get('eps') is not None else '',
                     clean_acc=f'{100*self.clean_accuracy:.2f}', reported=f'{reported:.2f}' if reported is not None else '',
-                    autoattack_acc=f'{100*aa:.2f}' if aa is not None else '', footnote=footnote,
-                    n_examples=self.n, unreliable=bool(self.flags))
+                    autoattack_acc=f'{100*aa:.2f}' if aa is not None else '', footnote=note,
+                    n_examples=self.n, unreliable=bool(why))
+
+    def autoattack_caveats(self) -> list[str]:
+        "Why the `AA` entry is not RobustBench's standard evaluation: fewer than 10,000 points, or a reduced or changed budget."
+        out = []
+        if self.n < 10_000: out.append(f'AutoAttack on the first {self.n} test points, not the 10,000 RobustBench uses')
+        budget = self.attacks.get('AA', {}).get('budget') or {}
+        if budget.get('version', 'standard') != 'standard': out.append(f"AutoAttack version {budget['version']!r}, not 'standard'")
+        changed = {k: v for k, v in (budget.get('overrides') or {}).items() if v is not None}
+        if changed: out.append(f'AutoAttack with a reduced budget ({", ".join(f"{k}={v}" for k, v in changed.items())})')
+        return out
 
     def save_robustbench(self, path:str|Path, **fields) -> Path:
         "Write the RobustBench model-info JSON."
@@ -449,6 +467,7 @@ def evaluate(model:nn.Module, # classifier on [0, 1] images; put in eval mode fo
              progress:bool=False, # tqdm bar over attacks
              meta:dict|None=None, # extra fields for the report (arch, dataset, run, ...)
              channels_last:bool=False, # run in channels-last memory format (faster convolutions; the model's format is restored)
+             nproc:int=1, # split the batches over this many processes (started here; inside a process group: its processes)
             ) -> Report:
     "Run a suite of attacks on the first `n` points; per-sample results, timings and sanity flags in a `Report`."
     check('batch_size', batch_size, int, lo=1); check('seed', seed, int, lo=0)
@@ -458,6 +477,10 @@ def evaluate(model:nn.Module, # classifier on [0, 1] images; put in eval mode fo
     attacks, suite_name = _resolve(suite, eps, model, seed)
     names = [a.name for a in attacks]
     if len(set(names)) != len(names): raise ConfigError(f'suite: attack names must be unique, got {names}')
+    if check('nproc', nproc, int, lo=1) > 1 and not distributed.active():
+        kw = dict(suite=suite, n=n, eps=eps, batch_size=batch_size, seed=seed, checks=checks, mode=mode, meta=meta, channels_last=channels_last)
+        _check_picklable(model, suite)
+        return distributed.launch(evaluate_worker, (model, x[:n], y[:n], kw), nproc=nproc)
     device = _model_device(model)
     x, y = _as_float(x[:n]).to(device), y[:n].to(device).long()
     if check('channels_last', channels_last, bool):
@@ -477,7 +500,8 @@ def _run_suite(model, x, y, attacks, batch_size, seed, checks, mode, progress, d
     n = len(x)
     seconds, robust = {}, {}
     t0 = time.perf_counter()
-    clean = torch.cat([model_correct(model, x[s], y[s]) for s in _slices(n, batch_size)])
+    # in a process group the batches are dealt out (`map_batches`) and every process gets every result
+    clean = torch.cat(distributed.map_batches(lambda s: model_correct(model, x[s], y[s]).cpu(), _slices(n, batch_size))).to(device)
     seconds['clean'] = time.perf_counter() - t0
     aa_messages = []
     alive = clean.clone()
@@ -486,7 +510,7 @@ def _run_suite(model, x, y, attacks, batch_size, seed, checks, mode, progress, d
         from tqdm.auto import tqdm
         bar = tqdm(attacks, desc='evaluate', leave=False)
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        for atk in bar:
+        for a_i, atk in enumerate(bar):
             torch.manual_seed(seed)
             t0 = time.perf_counter()
             idx = (alive if mode == 'cascade' else clean).nonzero().flatten()
@@ -497,24 +521,51 @@ def _run_suite(model, x, y, attacks, batch_size, seed, checks, mode, progress, d
                     aa_messages += [m for m in atk.messages if m not in aa_messages]
                     ok[idx] = r.to(device)
                 else:
-                    for s in _slices(len(idx), batch_size):
+                    batches = list(enumerate(_slices(len(idx), batch_size)))
+                    def attack_batch(bs, a_i=a_i, atk=atk, idx=idx):
+                        b, s = bs
                         j = idx[s]
-                        ok[j] = model_correct(model, atk(model, x[j], y[j]), y[j])
+                        with random_scope(seed, a_i, b, total=len(j)):  # start points keyed on (seed, attack, batch)
+                            return model_correct(model, atk(model, x[j], y[j]), y[j]).cpu()
+                    for (b, s), r in zip(batches, distributed.map_batches(attack_batch, batches)): ok[idx[s]] = r.to(device)
             if device.type == 'cuda': torch.cuda.synchronize(device)
             seconds[atk.name] = time.perf_counter() - t0
             robust[atk.name] = ok.cpu()
             alive &= ok
-    meta_attacks = {a.name: dict(repr=repr(a), kind=getattr(a, 'kind', 'white-box'), eps=getattr(a, 'eps', None)) for a in attacks}
+    meta_attacks = {a.name: dict(repr=repr(a), kind=getattr(a, 'kind', 'white-box'), eps=getattr(a, 'eps', None),
+                                 **({'budget': dict(version=a.version, attacks=a.attacks, overrides=a.overrides)} if isinstance(a, AA) else {}))
+                    for a in attacks}
     flags = []
     if checks:
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-            torch.manual_seed(seed)
-            flags = sanity_checks(model, x, y, clean, robust, meta_attacks, norm=getattr(attacks[0], 'norm', 'Linf') if attacks else 'Linf',
-                                  batch_size=batch_size)
+        if distributed.is_main():
+            with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+                torch.manual_seed(seed)
+                flags = sanity_checks(model, x, y, clean, robust, meta_attacks, norm=getattr(attacks[0], 'norm', 'Linf') if attacks else 'Linf',
+                                      batch_size=batch_size)
+        flags = distributed.gather_objects(flags)[0]  # rank 0's findings, everywhere
         seconds['checks'] = time.perf_counter() - t0
     flags += [dict(code='autoattack', message=m) for m in aa_messages]
     return clean, robust, seconds, flags, meta_attacks
+
+# %% ../nbs/04_evaluate.ipynb #17eabc09
+def evaluate_worker(model:nn.Module, x:torch.Tensor, y:torch.Tensor, kw:dict) -> Report:
+    "One process of `evaluate(..., nproc=N)`: join the group, evaluate this process's batches, return the gathered report."
+    distributed.join_group()
+    model = model.to(distributed.local_device(_model_device(model)))
+    rep = evaluate(model, x, y, **kw)
+    rep.meta['nproc'] = distributed.world_size()
+    return rep
+
+
+def _check_picklable(model, suite):
+    "Fail before starting processes when the model or an attack cannot be sent to them."
+    import pickle
+    for what, obj in (('model', model), ('suite', suite)):
+        try: pickle.dumps(obj)
+        except Exception as e:
+            raise ConfigError(f'nproc > 1: the {what} cannot be sent to worker processes ({type(e).__name__}: {e}); '
+                              'use attack names or module-level attack classes') from None
 
 # %% ../nbs/04_evaluate.ipynb #5a7b4f13
 class Quantize(nn.Module):
