@@ -16,25 +16,31 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .core import ConfigError, atomic_write, check, check_list, get_device, get_rng_state, set_rng_state
+from . import distributed
+from .core import ConfigError, atomic_write, check, check_list, get_device, get_rng_state, random_scope, set_rng_state
 from .data import Loader
 from .methods import Method
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'Schedule', 'CancelFitException', 'Callback', 'save_checkpoint',
-           'load_checkpoint', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
+__all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'NONFINITE', 'RUN_ONLY_KEYS', 'Schedule', 'CancelFitException', 'Callback',
+           'save_checkpoint', 'load_checkpoint', 'TrainingDiverged', 'nonfinite_terms', 'first_nonfinite',
+           'TrainingLoop', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
 
 # %% ../nbs/07_learner.ipynb #9e7ce642
-SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cyclic', 'linear', 'constant')
+SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cosine_epoch', 'cyclic', 'linear', 'linear_epoch', 'onecycle', 'constant')
+
+
+def _cos_anneal(start, end, pct): return end + (start - end)/2*(1 + math.cos(math.pi*pct))
 
 
 class Schedule:
-    "Learning rate as a function of (epoch, batch) for one of `SCHEDULES`."
+    "Learning rate (and, for `onecycle`, momentum) as a function of (epoch, batch) for one of `SCHEDULES`."
     def __init__(self, kind:str, # one of SCHEDULES
                  lr:float, # base (maximum) learning rate
                  epochs:int, # length of training
                  milestones:list|None=None, # fractions of training where `multistep` changes the rate
                  factors:list|None=None, # multipliers of lr after each milestone (default 0.1, 0.01, ...)
+                 steps_per_epoch:int|None=None, # `onecycle`: scheduler steps per epoch (None: the learner's, as HAT's code counts them)
                 ):
         self.kind = check('schedule', kind, str, choices=SCHEDULES)
         self.lr, self.epochs = check('lr', lr, float, lo=0, lo_open=True), check('epochs', epochs, int, lo=1)
@@ -42,12 +48,13 @@ class Schedule:
                                      lo=0, hi=1, increasing=True)
         f = factors if factors is not None else [10.0**-(i + 1) for i in range(len(self.milestones))]
         self.factors = check_list('factors', f, float, length=len(self.milestones), lo=0)
-        self.per_iteration = kind in ('piecewise', 'cosine', 'cyclic', 'linear')
+        self.steps_per_epoch = check('steps_per_epoch', steps_per_epoch, int, lo=1, allow_none=True)
+        self.per_iteration = kind in ('piecewise', 'cosine', 'cyclic', 'linear', 'onecycle')
 
     def __call__(self, epoch:int, batch:int, n_batches:int) -> float:
-        "Learning rate for batch `batch` (0-based) of `n_batches` in epoch `epoch`."
+        "Learning rate for batch `batch` (0-based) of `n_batches` in epoch `epoch` (0-based)."
         E, lr = self.epochs, self.lr
-        t = epoch + (batch + 1)/n_batches if self.per_iteration else epoch
+        t = epoch + (batch + 1)/n_batches
         if self.kind == 'constant': return lr
         if self.kind == 'piecewise': return lr if t/E < 0.5 else lr/10 if t/E < 0.75 else lr/100
         if self.kind == 'multistep':
@@ -59,11 +66,31 @@ class Schedule:
             if epoch == 0 and E > 1: return 0.2*lr
             return lr/100 if epoch >= round(0.9*E) else lr/10 if epoch >= round(0.75*E) else lr
         if self.kind == 'cosine': return 0.5*lr*(1 + math.cos(math.pi*t/E))
+        if self.kind == 'cosine_epoch': return 0.5*lr*(1 + math.cos(math.pi*epoch/E))
         if self.kind == 'cyclic': return lr*t/(0.4*E) if t <= 0.4*E else lr*max(0.0, (E - t)/(0.6*E))
-        pts, vals = [0, E/3, 2*E/3, E], [lr, lr, lr/10, lr/100]  # linear
+        if self.kind == 'onecycle': return self._onecycle(epoch, batch, n_batches)[0]
+        if self.kind == 'linear_epoch': pts, t = [0, E//3, 2*E//3, E], epoch + 1  # SEAT: np.interp at the 1-based epoch
+        else: pts = [0, E/3, 2*E/3, E]
+        vals = [lr, lr, lr/10, lr/100]
         for (a, va), (b, vb) in zip(zip(pts, vals), zip(pts[1:], vals[1:])):
             if t <= b: return va + (vb - va)*(t - a)/(b - a) if b > a else vb
         return vals[-1]
+
+    def momentum(self, epoch:int, batch:int, n_batches:int) -> float|None:
+        "The SGD momentum this schedule sets for the batch (`onecycle` cycles it 0.95 → 0.85 → 0.95), else None."
+        return self._onecycle(epoch, batch, n_batches)[1] if self.kind == 'onecycle' else None
+
+    def _onecycle(self, epoch, batch, n_batches, pct_start=0.25, div=25.0, final_div=1e4, m_lo=0.85, m_hi=0.95):
+        "torch's OneCycleLR (cosine annealing, three phases off) at global step epoch·steps_per_epoch + batch."
+        spe = self.steps_per_epoch or n_batches
+        total, step = self.epochs*spe, epoch*spe + batch
+        lo, hi = self.lr/div, self.lr
+        up_end = float(pct_start*total) - 1
+        if step <= up_end:
+            p = step/up_end
+            return _cos_anneal(lo, hi, p), _cos_anneal(m_hi, m_lo, p)
+        p = (step - up_end)/(total - 1 - up_end)
+        return _cos_anneal(hi, lo/final_div, p), _cos_anneal(m_lo, m_hi, p)
 
     def __repr__(self): return f'Schedule({self.kind!r}, lr={self.lr}, epochs={self.epochs})'
 
@@ -102,14 +129,129 @@ def load_checkpoint(path:str|Path, map_location='cpu') -> dict:
 
 # %% ../nbs/07_learner.ipynb #066ec0d1
 AMP = {None: None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+NONFINITE = ('stop', 'skip')
+RUN_ONLY_KEYS = ('resume', 'progress', 'nproc', 'backend')  # how a run is executed, not what it computes: free to change on resume
 
 
-class Learner:
+class TrainingDiverged(RuntimeError):
+    "A step produced a non-finite loss or gradient; `record` says where (epoch, step, terms, learning rate)."
+    def __init__(self, message:str, record:dict):
+        super().__init__(message)
+        self.record = record
+
+
+def nonfinite_terms(logs:dict) -> list[str]:
+    "The logged loss terms of a step that are NaN or infinite."
+    return [k for k, v in logs.items() if isinstance(v, (int, float)) and not math.isfinite(v)]
+
+
+def first_nonfinite(named_tensors) -> str|None:
+    "Name of the first tensor holding a NaN or an infinity (one fused norm over all of them, one sync)."
+    named = [(n, t) for n, t in named_tensors if t is not None]
+    if not named: return None
+    norms = torch._foreach_norm([t.float() for _, t in named])
+    if bool(torch.isfinite(torch.stack(norms)).all()): return None
+    return next(n for (n, _), v in zip(named, norms) if not torch.isfinite(v))
+
+
+def _compile(model, compile):
+    if compile is False: return model
+    return torch.compile(model) if compile is True else torch.compile(model, backend=compile)
+
+# %% ../nbs/07_learner.ipynb #dde0b013
+class TrainingLoop:
+    "The epoch and batch loop of `Learner` (state and set-up live in `Learner`)."
+    def _train_batch(self, x, y, info, n_batches):
+        g0 = self.opt.param_groups
+        lr, mom = self.schedule(self.epoch, self.batch, n_batches), self.schedule.momentum(self.epoch, self.batch, n_batches)
+        for g in g0:
+            g['lr'] = lr
+            if mom is not None: g['momentum'] = mom
+        self.callback('before_batch')
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.method.batch = self.batch
+        if distributed.active() and not self.sync_bn:  # per-process BN statistics: start every step from rank 0's (as DDP)
+            for m in [self.model, *self.extra.values()]: distributed.broadcast_state_(m, buffers_only=True)
+        rows = torch.arange(info.rows.start, info.rows.stop)
+        torch._foreach_copy_(self._saved_buffers, self._buffers)  # BN statistics before the step, to undo a refused one
+        with self._autocast(), random_scope(self.loader.seed, self.epoch, self.batch, total=info.total, index=rows), \
+             distributed.batch_share(len(rows), info.total):
+            logs = self.method.compute_grads(self.fwd, x, y, self.backward)
+            self.logs = distributed.average_logs(logs)
+        distributed.reduce_grads_(self.params)
+        bad_terms = nonfinite_terms(self.logs)
+        bad = first_nonfinite([(f'gradient of {n}', p.grad) for n, p in self._named_params] +
+                              [(f'BatchNorm statistic {n}', b) for n, b in zip(self._buffer_names, self._buffers)])
+        if bad_terms or bad:
+            self.method.after_step(self.model)  # remove any weight perturbation: the model stays at its last good weights
+            torch._foreach_copy_(self._buffers, self._saved_buffers)
+            self._refuse(bad_terms, bad)
+        else:
+            if self.scaler is not None:
+                self.scaler.step(self.opt); self.scaler.update()
+            else: self.opt.step()
+            self.method.after_step(self.model)
+        if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
+        a = self.accum
+        a['seconds_train'] += time.perf_counter() - t0
+        a['images'] += info.total; a['batches'] += 1
+        for k, v in self.logs.items(): a['logs'][k] = a['logs'].get(k, 0.0) + float(v)
+        self.step += 1; self.batch += 1
+        self.callback('after_batch')
+
+    def _refuse(self, bad_terms, bad):
+        "A non-finite step: raise `TrainingDiverged` (default) or count it as skipped."
+        where = f'epoch {self.epoch + 1}/{self.epochs}, batch {self.batch + 1}, step {self.step}'
+        what = f"non-finite loss term(s) {', '.join(bad_terms)}" if bad_terms else f"non-finite {bad}"
+        if self.nonfinite == 'skip':
+            self.opt.zero_grad(set_to_none=True)
+            self.accum['skipped'] += 1
+            return
+        self.failure = dict(failed=True, epoch=self.epoch, batch=self.batch, step=self.step, lr=self.lr, reason=what,
+                            logs={k: float(v) for k, v in self.logs.items()})
+        raise TrainingDiverged(f'training diverged at {where}: {what} (learning rate {self.lr:.4g}). The last checkpoint '
+                               'holds the last good state; lower the learning rate, or pass nonfinite=\'skip\' to drop such steps.',
+                               self.failure)
+
+    def fit(self, resume_from:str|Path|None=None):
+        "Train to `epochs`, continuing from the checkpoint `resume_from` when given."
+        if resume_from is not None: self.load_state_dict(load_checkpoint(resume_from, self.device))
+        self.callback('before_fit')
+        try:
+            while self.epoch < self.epochs:
+                self.method.start_epoch(self.epoch, self.epochs)
+                for m in [self.model, *self.extra.values()]: m.train()
+                if self.batch == 0: self.accum = dict(seconds_train=0.0, images=0, batches=0, skipped=0, logs={})
+                self.record = dict(epoch=self.epoch)
+                self.epoch_start = time.perf_counter()
+                self.callback('before_epoch')
+                n = len(self.loader)
+                for x, y, info in self.loader.batches(self.epoch, start=self.batch, info=True): self._train_batch(x, y, info, n)
+                a = self.accum
+                self.record.update(lr=self.lr, **{k: v/max(1, a['batches']) for k, v in a['logs'].items()},
+                                   train_seconds=a['seconds_train'], train_img_per_s=a['images']/max(a['seconds_train'], 1e-9))
+                if a['skipped']: self.record['skipped_steps'] = a['skipped']
+                self.epoch += 1; self.batch = 0
+                self.callback('after_epoch')  # measurements add to the record (evaluation, hider ratios, ...)
+                self.record['seconds'] = time.perf_counter() - self.epoch_start
+                self.history.append(dict(self.record))
+                self.callback('after_record')  # then it is written, printed and checkpointed
+        except CancelFitException as e:
+            self.stopped = str(e) or 'a callback ended training early'
+        except TrainingDiverged:
+            self.callback('after_fail')
+            raise
+        self.callback('after_fit')
+        return self
+
+# %% ../nbs/07_learner.ipynb #5ea02fd0
+class Learner(TrainingLoop):
     "Trains `model` with `method` on `loader`: the loop, the optimiser, the schedule, and callbacks for the rest."
     def __init__(self,
                  model:nn.Module, # the network being trained (its state_dict is what checkpoints hold)
                  method:Method, # how a step forms the gradient
-                 loader:Loader, # training batches
+                 loader:Loader, # training batches (in a process group: this process's rows of each global batch)
                  epochs:int, # length of training
                  lr:float=0.1, # base learning rate
                  momentum:float=0.9, # SGD momentum
@@ -120,8 +262,10 @@ class Learner:
                  device:str|None='cpu', # 'cpu', 'cuda', 'mps' or 'auto'
                  channels_last:bool=False, # model and batches in channels-last memory format
                  amp:str|None=None, # mixed precision on CUDA: 'bf16' or 'fp16' (autocast); None: fp32
-                 compile:bool=False, # torch.compile the forward pass
+                 compile:bool|str=False, # torch.compile the forward pass (True: inductor; a string: that backend)
                  config:dict|None=None, # stored in checkpoints; a resume must present the same
+                 nonfinite:str='stop', # a NaN/inf loss or gradient: 'stop' with `TrainingDiverged`, or 'skip' the step (counted)
+                 sync_bn:bool=False, # in a process group: BatchNorm on global-batch statistics (exactness); else per process
                 ):
         self.device = get_device(device)
         self.epochs = check('epochs', epochs, int, lo=1)
@@ -130,23 +274,33 @@ class Learner:
         check('amp', amp, str, choices=['bf16', 'fp16'], allow_none=True)
         if amp and self.device.type != 'cuda':
             raise ConfigError(f'amp = {amp!r}: mixed precision is for CUDA; on {self.device.type} train in fp32 (amp=None)')
+        if not isinstance(compile, (bool, str)): raise ConfigError(f'compile = {compile!r}: expected True, False or a torch.compile backend name')
+        self.nonfinite = check('nonfinite', nonfinite, str, choices=NONFINITE)
+        self.sync_bn = check('sync_bn', sync_bn, bool)
         self.amp, self.channels_last = amp, check('channels_last', channels_last, bool)
         self.method, self.loader = method, loader
         self.model = model.to(self.device)
+        if self.sync_bn and distributed.active(): self.model = distributed.sync_batchnorm(self.model, self.device)
         if channels_last: self.model.to(memory_format=torch.channels_last)
         self.extra = method.setup(self.model)  # after the move: copies the method makes (proxy, average) match the model
-        for m in self.extra.values():
+        for k, m in self.extra.items():
             m.to(self.device)
+            if self.sync_bn and distributed.active(): self.extra[k] = distributed.sync_batchnorm(m, self.device)
             if channels_last: m.to(memory_format=torch.channels_last)
-        params = [p for m in [self.model, *self.extra.values()] for p in m.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(params, lr=self.schedule.lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        for m in [self.model, *self.extra.values()]: distributed.broadcast_state_(m)  # one initialisation for every process
+        self.params = [p for m in [self.model, *self.extra.values()] for p in m.parameters() if p.requires_grad]
+        self._named_params = [(n, p) for m in [self.model, *self.extra.values()] for n, p in m.named_parameters() if p.requires_grad]
+        named_buffers = [(n, b) for m in [self.model, *self.extra.values()] for n, b in m.named_buffers() if b.is_floating_point()]
+        self._buffer_names, self._buffers = [n for n, _ in named_buffers], [b for _, b in named_buffers]
+        self._saved_buffers = [b.clone() for b in self._buffers]
+        self.opt = torch.optim.SGD(self.params, lr=self.schedule.lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self.scaler = torch.amp.GradScaler('cuda') if amp == 'fp16' else None
-        self.fwd = torch.compile(self.model) if check('compile', compile, bool) else self.model
+        self.fwd = _compile(self.model, compile)
         self.cbs = sorted(cbs or [], key=lambda c: c.order)
         self.config = config or {}
         self.epoch = self.batch = self.step = 0
-        self.accum = dict(seconds_train=0.0, images=0, batches=0, logs={})
-        self.history, self.record, self.logs = [], {}, {}
+        self.accum = dict(seconds_train=0.0, images=0, batches=0, skipped=0, logs={})
+        self.history, self.record, self.logs, self.failure, self.stopped = [], {}, {}, None, None
 
     # -- plumbing -----------------------------------------------------------------------------------
     def callback(self, event:str):
@@ -155,7 +309,8 @@ class Learner:
             if f is not None: f(self)
 
     def backward(self, loss:torch.Tensor):
-        "Backward pass for methods (applies fp16 loss scaling when on)."
+        "Backward pass for methods: scaled by this process's share of the global batch, and for fp16."
+        loss = distributed.scale_loss(loss)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _autocast(self):
@@ -181,8 +336,9 @@ class Learner:
 
     def load_state_dict(self, state:dict):
         "Restore a `state_dict` (from a checkpoint)."
-        if self.config and state.get('config') and state['config'] != self.config:
-            diff = sorted(k for k in set(self.config) | set(state['config']) if self.config.get(k) != state['config'].get(k))
+        mine, theirs = ({k: v for k, v in c.items() if k not in RUN_ONLY_KEYS} for c in (self.config, state.get('config') or {}))
+        if self.config and theirs and mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ConfigError(f'resume: the checkpoint was written with different settings ({", ".join(diff)})')
         self.model.load_state_dict(state['model'])
         for k, m in self.extra.items(): m.load_state_dict(state['extra'][k])
@@ -192,54 +348,8 @@ class Learner:
         for cb in self.cbs:
             if cb.name in state['callbacks']: cb.load_state_dict(state['callbacks'][cb.name])
         self.epoch, self.batch, self.step = state['epoch'], state['batch'], state['step']
-        self.accum, self.history = state['accum'], list(state['history'])
+        self.accum, self.history = dict(dict(skipped=0), **state['accum']), list(state['history'])
         set_rng_state(state['rng'])
-
-    # -- the loop ------------------------------------------------------------------------------------
-    def _train_batch(self, x, y, n_batches):
-        for g in self.opt.param_groups: g['lr'] = self.schedule(self.epoch, self.batch, n_batches)
-        self.callback('before_batch')
-        t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            self.logs = self.method.compute_grads(self.fwd, x, y, self.backward)
-        if self.scaler is not None:
-            self.scaler.step(self.opt); self.scaler.update()
-        else: self.opt.step()
-        self.method.after_step(self.model)
-        if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
-        a = self.accum
-        a['seconds_train'] += time.perf_counter() - t0
-        a['images'] += len(x); a['batches'] += 1
-        for k, v in self.logs.items(): a['logs'][k] = a['logs'].get(k, 0.0) + float(v)
-        self.step += 1; self.batch += 1
-        self.callback('after_batch')
-
-    def fit(self, resume_from:str|Path|None=None):
-        "Train to `epochs`, continuing from the checkpoint `resume_from` when given."
-        if resume_from is not None: self.load_state_dict(load_checkpoint(resume_from, self.device))
-        self.callback('before_fit')
-        try:
-            while self.epoch < self.epochs:
-                self.method.start_epoch(self.epoch, self.epochs)
-                for m in [self.model, *self.extra.values()]: m.train()
-                if self.batch == 0: self.accum = dict(seconds_train=0.0, images=0, batches=0, logs={})
-                self.record = dict(epoch=self.epoch)
-                self.epoch_start = time.perf_counter()
-                self.callback('before_epoch')
-                n = len(self.loader)
-                for x, y in self.loader.batches(self.epoch, start=self.batch): self._train_batch(x, y, n)
-                a = self.accum
-                self.record.update(lr=self.lr, **{k: v/max(1, a['batches']) for k, v in a['logs'].items()},
-                                   train_seconds=a['seconds_train'], train_img_per_s=a['images']/max(a['seconds_train'], 1e-9))
-                self.epoch += 1; self.batch = 0
-                self.callback('after_epoch')  # measurements add to the record (evaluation, hider ratios, ...)
-                self.record['seconds'] = time.perf_counter() - self.epoch_start
-                self.history.append(dict(self.record))
-                self.callback('after_record')  # then it is written, printed and checkpointed
-        except CancelFitException: pass
-        self.callback('after_fit')
-        return self
 
 # %% ../nbs/07_learner.ipynb #2e0df8f0
 class EvalCB(Callback):
@@ -288,18 +398,21 @@ class AccuracyCB(Callback):
 
 
 class MetricsCB(Callback):
-    "Appends the epoch record to the history and rewrites `metrics.jsonl` (one JSON line per epoch) atomically."
+    "Rewrites `metrics.jsonl` (one JSON line per epoch; a failure record last when training diverged) atomically, on rank 0."
     order = 20
 
     def __init__(self, path:str|Path): self.path = Path(path)
 
-    def _write(self, learn):
+    def _write(self, learn, extra=()):
+        if not distributed.is_main(): return
         with atomic_write(self.path, 'w') as f:
-            for r in learn.history: f.write(json.dumps(r) + '\n')
+            for r in [*learn.history, *extra]: f.write(json.dumps(r) + '\n')
 
     def before_fit(self, learn): self._write(learn)  # after a resume: exactly the epochs the checkpoint knows
 
     def after_record(self, learn): self._write(learn)
+
+    def after_fail(self, learn): self._write(learn, [learn.failure])
 
 
 class StepLogCB(Callback):
@@ -310,6 +423,7 @@ class StepLogCB(Callback):
         self.path, self.every, self.f = Path(path), check('every', every, int, lo=1), None
 
     def before_fit(self, learn):
+        if not distributed.is_main(): return
         keep = []
         if self.path.exists():
             keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)['step'] < learn.step]
@@ -317,12 +431,14 @@ class StepLogCB(Callback):
         self.f = open(self.path, 'a', buffering=1)  # line-buffered: a killed process loses nothing already logged
 
     def after_batch(self, learn):
-        if (learn.step - 1) % self.every: return
+        if self.f is None or (learn.step - 1) % self.every: return
         rec = dict(step=learn.step - 1, epoch=learn.epoch, lr=learn.lr, **{k: float(v) for k, v in learn.logs.items()})
         self.f.write(json.dumps(rec) + '\n')
 
     def after_fit(self, learn):
         if self.f is not None: self.f.close(); self.f = None
+
+    after_fail = after_fit
 
 
 class CheckpointCB(Callback):
@@ -347,12 +463,20 @@ class CheckpointCB(Callback):
     def last(self) -> Path: return self.folder/'last.pt'
 
     def after_batch(self, learn):
-        if self.every and learn.step % self.every == 0: save_checkpoint(learn.state_dict(), self.last)
+        if self.every and learn.step % self.every == 0 and distributed.is_main(): save_checkpoint(learn.state_dict(), self.last)
 
     def after_record(self, learn):
         value = learn.record.get(self.monitor)
         improved = value is not None and learn.epoch > self.best_after and value > self.best
         if improved: self.best, self.best_epoch = value, learn.epoch - 1
+        if self.patience and self.best_epoch is not None and learn.epoch - 1 - self.best_epoch >= self.patience:
+            stop = (f'early stop after epoch {learn.epoch}: {self.monitor} has not improved for {self.patience} epochs '
+                    f'(best {self.best:.4f} at epoch {self.best_epoch + 1})')
+        else: stop = None
+        if distributed.is_main(): self._save(learn, improved)
+        if stop: raise CancelFitException(stop)
+
+    def _save(self, learn, improved):
         state = learn.state_dict()
         save_checkpoint(state, self.last)
         if improved: save_checkpoint(state, self.folder/'best.pt')
@@ -360,8 +484,6 @@ class CheckpointCB(Callback):
             weights = state['eval_model'] if state['eval_model'] is not None else state['model']
             save_checkpoint(dict(format=CHECKPOINT_FORMAT, model=weights, epoch=learn.epoch - 1),
                             self.folder/'epochs'/f'e{learn.epoch - 1:03d}.pt')
-        if self.patience and self.best_epoch is not None and learn.epoch - 1 - self.best_epoch >= self.patience:
-            raise CancelFitException
 
     def state_dict(self): return dict(best=self.best, best_epoch=self.best_epoch)
 
@@ -375,7 +497,7 @@ class ProgressCB(Callback):
     def __init__(self, bar:bool=True, summary:bool=True): self.bar, self.summary, self.pbar = bar, summary, None
 
     def before_epoch(self, learn):
-        if not self.bar: return
+        if not self.bar or not distributed.is_main(): return
         from tqdm.auto import tqdm
         self.pbar = tqdm(total=len(learn.loader), initial=learn.batch, desc=f'epoch {learn.epoch + 1}/{learn.epochs}', leave=False)
 
@@ -388,9 +510,12 @@ class ProgressCB(Callback):
     def after_epoch(self, learn):
         if self.pbar is not None: self.pbar.close(); self.pbar = None
 
+    after_fail = after_epoch
+
     def after_record(self, learn):
-        if not self.summary: return
+        if not self.summary or not distributed.is_main(): return
         r = learn.record
         acc = f"clean {100*r['clean_acc']:.2f}%  PGD-20 {100*r['robust_acc']:.2f}%  " if 'clean_acc' in r else ''
+        skipped = f"  {r['skipped_steps']} non-finite steps skipped" if r.get('skipped_steps') else ''
         print(f"epoch {r['epoch'] + 1:>3}/{learn.epochs}  lr {r['lr']:.4g}  loss {r.get('loss', float('nan')):.4f}  {acc}"
-              f"{r['train_img_per_s']:.0f} img/s  {r.get('seconds', 0):.1f}s", flush=True)
+              f"{r['train_img_per_s']:.0f} img/s  {r.get('seconds', 0):.1f}s{skipped}", flush=True)

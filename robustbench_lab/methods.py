@@ -5,6 +5,7 @@
 # %% ../nbs/06_methods.ipynb #49567d3c
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
@@ -13,36 +14,50 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import TradesKL
+from . import distributed
 from .core import ConfigError, check
 from .objectives import PGDAT, Objective, batch_kl
 
 # %% auto #0
-__all__ = ['METHODS', 'perturbable_weights', 'relative_direction', 'WeightPerturbation', 'Method', 'Standard', 'AWP', 'SEAT',
-           'LBGAT']
+__all__ = ['METHODS', 'unwrap', 'perturbable_weights', 'load_into', 'relative_direction', 'WeightPerturbation', 'Method',
+           'Standard', 'AWP', 'SEAT', 'LBGAT']
 
 # %% ../nbs/06_methods.ipynb #32688a1f
+def unwrap(model:nn.Module) -> nn.Module:
+    "The module itself under a `torch.compile` wrapper (whose state-dict keys carry an `_orig_mod.` prefix)."
+    return getattr(model, '_orig_mod', model)
+
+
 def perturbable_weights(model:nn.Module) -> list[tuple[str, nn.Parameter]]:
     "The weight tensors AWP perturbs: trainable parameters with at least 2 dimensions (conv kernels, linear matrices)."
-    return [(n, p) for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+    return [(n, p) for n, p in unwrap(model).named_parameters() if p.dim() >= 2 and p.requires_grad]
+
+
+@torch.no_grad()
+def load_into(proxy:nn.Module, model:nn.Module):
+    "Copy every parameter and buffer of `model` into `proxy` (a copy of it), in one fused call each."
+    model = unwrap(model)
+    for dst, src in ((list(proxy.parameters()), [p.detach() for p in model.parameters()]), (list(proxy.buffers()), list(model.buffers()))):
+        if dst: torch._foreach_copy_(dst, src)
 
 
 def relative_direction(model:nn.Module, # the model whose weights will be perturbed
-                       proxy:nn.Module, # a module of the same architecture (overwritten with the model's state)
+                       proxy:nn.Module, # a copy of the model (overwritten with the model's state)
                        proxy_loss:Callable[[nn.Module], torch.Tensor], # loss to ascend, computed with the proxy
                       ) -> list[tuple[nn.Parameter, torch.Tensor]]:
     "The relative layer-wise ascent direction d_l = ∇_l L·‖w_l‖/(‖∇_l L‖ + 1e−20), per weight tensor of `model`."
-    proxy.load_state_dict(model.state_dict())
+    load_into(proxy, model)
     proxy.train()  # as in the code: the proxy's forward uses (and updates its own copy of) batch statistics
     names = [n for n, _ in perturbable_weights(model)]
     pp = dict(proxy.named_parameters())
-    grads = torch.autograd.grad(proxy_loss(proxy), [pp[n] for n in names], allow_unused=True)
-    mp = dict(model.named_parameters())
-    out = []
-    for n, g in zip(names, grads):
-        if g is None: continue
-        w = mp[n]
-        out.append((w, (g*w.detach().norm()/(g.norm() + 1e-20)).detach()))
-    return out
+    grads = torch.autograd.grad(distributed.scale_loss(proxy_loss(proxy)), [pp[n] for n in names], allow_unused=True)
+    ws = dict(perturbable_weights(model))
+    pairs = [(ws[n], g) for n, g in zip(names, grads) if g is not None]
+    if not pairs: return []
+    w, g = [p.detach() for p, _ in pairs], [g for _, g in pairs]
+    distributed.all_reduce_sum_(g)  # the direction of the global batch, the same in every process
+    scale = torch._foreach_div(torch._foreach_norm(w), torch._foreach_add(torch._foreach_norm(g), 1e-20))
+    return list(zip([p for p, _ in pairs], torch._foreach_mul(g, scale)))
 
 
 class WeightPerturbation:
@@ -51,22 +66,24 @@ class WeightPerturbation:
                  gamma:float, # strength, relative to each layer's weight norm
                 ):
         self.pairs, self.gamma, self.saved = pairs, gamma, None
+        self.weights = [w for w, _ in pairs]
+        self.delta = torch._foreach_mul([d for _, d in pairs], gamma) if pairs else []  # γ·d, as the code computes it
 
     @torch.no_grad()
     def apply(self):
-        self.saved = [w.detach().clone() for w, _ in self.pairs]
-        for w, d in self.pairs: w.add_(self.gamma*d)
+        self.saved = [w.detach().clone() for w in self.weights]
+        if self.weights: torch._foreach_add_(self.weights, self.delta)
         return self
 
     @torch.no_grad()
     def restore(self):
-        "Exactly the weights before `apply` (use before the optimiser step)."
-        for (w, _), s in zip(self.pairs, self.saved): w.copy_(s)
+        "Exactly the weights before `apply`."
+        if self.weights: torch._foreach_copy_(self.weights, self.saved)
 
     @torch.no_grad()
     def remove(self):
-        "Subtract γ·d (use after an optimiser step taken at the perturbed weights)."
-        for w, d in self.pairs: w.sub_(self.gamma*d)
+        "Subtract γ·d, as the released code does (after an optimiser step taken at the perturbed weights, or before the next branch)."
+        if self.weights: torch._foreach_sub_(self.weights, self.delta)
 
 # %% ../nbs/06_methods.ipynb #8f7ec016
 class Method:
@@ -74,19 +91,32 @@ class Method:
     name = 'method'
     bn_mode = 'eval'  # BN mode of the inner attack unless the objective sets its own
 
-    def __init__(self, objective:Objective):
+    def __init__(self, objective:Objective,
+                 eval_first_batch:bool=False, # attack the first batch of every epoch after the first in eval mode (Rice-based code: its test left the model there)
+                 clean_forward_after_step:bool=False, # one train-mode forward of the clean batch after the step (Rice-based code logs train accuracy with it: a BN update)
+                ):
         if not isinstance(objective, Objective): raise ConfigError(f'objective = {objective!r}: expected an Objective')
         self.objective = objective
-        self.epoch, self.epochs = 0, 1
+        self.eval_first_batch = check('eval_first_batch', eval_first_batch, bool)
+        self.clean_forward_after_step = check('clean_forward_after_step', clean_forward_after_step, bool)
+        self.epoch, self.epochs, self.batch, self._x = 0, 1, 0, None
 
     def setup(self, model:nn.Module) -> dict:
         "Prepare for training `model`; return any extra trainable modules (name -> module) to optimise and checkpoint."
         return {}
 
     def start_epoch(self, epoch:int, epochs:int):
-        "Called by the learner before every epoch."
+        "Called by the learner before every epoch (the learner also sets `batch`, the batch index, before every step)."
         self.epoch, self.epochs = epoch, epochs
         self.objective.start_epoch(epoch, epochs)
+
+    def perturb(self, model:nn.Module, x:torch.Tensor, y:torch.Tensor, attack=None) -> torch.Tensor:
+        "This step's (first) attack: in the method's BN mode, or — the Rice-based code's first batch after an epoch's test — in eval mode."
+        if not (getattr(self, 'eval_first_batch', False) and self.epoch > 0 and self.batch == 0):
+            return self.objective.perturb(model, x, y, attack=attack, bn_mode=self.bn_mode)
+        saved, self.objective.bn_mode = self.objective.bn_mode, 'eval'  # over the objective's own setting too
+        try: return self.objective.perturb(model, x, y, attack=attack, bn_mode='eval')
+        finally: self.objective.bn_mode = saved
 
     def compute_grads(self, model:nn.Module, x:torch.Tensor, y:torch.Tensor, backward:Callable) -> dict:
         "Fill `.grad` of every trainable parameter for batch `(x, y)`; return scalars to log."
@@ -94,6 +124,8 @@ class Method:
 
     def after_step(self, model:nn.Module):
         "Called after every optimiser step."
+        if getattr(self, 'clean_forward_after_step', False) and self._x is not None:
+            with torch.no_grad(): model.train()(self._x)
 
     def eval_model(self, model:nn.Module) -> nn.Module:
         "The model to evaluate and save as the result."
@@ -111,7 +143,8 @@ class Standard(Method):
     name = 'standard'
 
     def compute_grads(self, model, x, y, backward):
-        x_adv = self.objective.perturb(model, x, y, bn_mode=self.bn_mode)
+        self._x = x if self.clean_forward_after_step else None
+        x_adv = self.perturb(model, x, y)
         loss, logs = self.objective.loss(model, x, x_adv, y)
         backward(loss)
         return logs
@@ -122,9 +155,10 @@ class AWP(Method):
     name = 'awp'
 
     def __init__(self, objective:Objective, gamma:float|None=None, # None: 0.01 for PGD-AT, 0.005 otherwise (TRADES-AWP)
-                 warmup:int|None=None, # epochs without weight perturbation; None: 0 for PGD-AT, 5% of the run otherwise
+                 warmup:int|None=None, # epochs without weight perturbation; None: 0 for PGD-AT, 9 of 200 otherwise (TRADES-AWP code)
+                 **kw, # eval_first_batch, clean_forward_after_step (see `Method`)
                 ):
-        super().__init__(objective)
+        super().__init__(objective, **kw)
         self.at_form = isinstance(objective, PGDAT)
         self.gamma = check('gamma', (0.01 if self.at_form else 0.005) if gamma is None else gamma, float, lo=0)
         self.warmup_epochs = check('warmup', warmup, int, lo=0, allow_none=True)
@@ -134,14 +168,16 @@ class AWP(Method):
     @property
     def warmup(self) -> int:
         if self.warmup_epochs is not None: return self.warmup_epochs
-        return 0 if self.at_form else round(self.epochs*10/200)
+        # TRADES-AWP code: `if epoch >= args.awp_warmup` with 1-based epochs and awp_warmup 10, i.e. 9 epochs without AWP
+        return 0 if self.at_form else round(self.epochs*9/200)
 
     def setup(self, model):
         self.proxy = copy.deepcopy(model)
         return {}
 
     def compute_grads(self, model, x, y, backward):
-        x_adv = self.objective.perturb(model, x, y, bn_mode=self.bn_mode)
+        self._x = x if self.clean_forward_after_step else None
+        x_adv = self.perturb(model, x, y)
         logs = {}
         if self.epoch >= self.warmup and self.gamma > 0:
             if self.proxy is None: self.setup(model)
@@ -155,6 +191,7 @@ class AWP(Method):
         if self._pert is not None:
             self._pert.remove()
             self._pert = None
+        super().after_step(model)
 
     def __repr__(self): return f'AWP({self.objective!r}, gamma={self.gamma}, warmup={self.warmup_epochs})'
 
@@ -163,8 +200,8 @@ class SEAT(Standard):
     "Self-ensemble AT: train as Standard, evaluate and keep the EMA of weights and BN buffers."
     name = 'seat'
 
-    def __init__(self, objective:Objective, decay:float=0.999):
-        super().__init__(objective)
+    def __init__(self, objective:Objective, decay:float=0.999, **kw):
+        super().__init__(objective, **kw)
         self.decay = check('decay', decay, float, lo=0, hi=1)
         self.ema, self.t = None, 0
 
@@ -179,8 +216,9 @@ class SEAT(Standard):
         for e, p in zip(self.ema.parameters(), model.parameters()): e.mul_(d).add_(p.detach(), alpha=1 - d)
         for e, b in zip(self.ema.buffers(), model.buffers()):
             if e.dtype.is_floating_point: e.mul_(d).add_(b, alpha=1 - d)
-            else: e.copy_(b)
+            else: e.copy_(d*e + (1 - d)*b)  # as the code: BN's batch counter averaged in floating point, truncated back
         self.t += 1
+        super().after_step(model)
 
     def eval_model(self, model): return self.ema
 
@@ -195,22 +233,28 @@ class LBGAT(Method):
     name = 'lbgat'
 
     def __init__(self, natural:nn.Module, # the natural (clean) model, e.g. ResNet-18, trained jointly
-                 beta:float=0.0, eps:float=8/255, alpha:float=0.007, steps:int=10, attack=None):
+                 beta:float=0.0, eps:float=8/255, alpha:float=0.007, steps:int=10, attack=None,
+                 clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start of the KL attack
+                ):
         from robustbench_lab.objectives import TRADES
-        super().__init__(TRADES(beta=beta, eps=eps, alpha=alpha, steps=steps, attack=attack))
+        super().__init__(TRADES(beta=beta, eps=eps, alpha=alpha, steps=steps, attack=attack, clip_start=clip_start))
         self.natural, self.beta = natural, check('beta', beta, float, lo=0)
 
     def setup(self, model): return dict(natural=self.natural)
 
     def compute_grads(self, model, x, y, backward):
         x_adv = self.objective.perturb(model, x, y, bn_mode=self.bn_mode)
-        self.natural.train()
-        zn, zra = self.natural(x), model(x_adv)
+        model.train(); self.natural.train()
+        # the code's order of train-mode forwards: robust on x_adv, robust on x (always, also at β = 0: it updates the
+        # robust model's BN statistics with the clean batch), natural on x
+        zra = model(x_adv)
+        with contextlib.nullcontext() if self.beta > 0 else torch.no_grad(): zr = model(x)
+        zn = self.natural(x)
         ce, mse = F.cross_entropy(zn, y), F.mse_loss(zra, zn)
         loss = ce + mse
         logs = dict(ce_natural=ce.item(), mse=mse.item())
         if self.beta > 0:
-            kl = batch_kl(model(x), zra).mean()
+            kl = batch_kl(zr, zra).mean()
             loss = loss + self.beta*kl
             logs['kl'] = kl.item()
         backward(loss)

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import PGD, Attack, IterativeAttack, TradesKL, attack_mode
-from .core import ConfigError, check
+from . import distributed
+from .core import ConfigError, check, shared_generator, shared_rand
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'Objective', 'Clean', 'PGDAT', 'batch_kl', 'TRADES', 'MART', 'HELP', 'gair_weights', 'GAIRAT',
-           'probabilistic_margin', 'MAIL', 'mixup_ce', 'IAT', 'make_objective']
+__all__ = ['FORWARDS', 'OBJECTIVES', 'Objective', 'check_forwards', 'ordered_forwards', 'Clean', 'PGDAT', 'batch_kl', 'TRADES',
+           'MART', 'HELP', 'gair_weights', 'GAIRAT', 'probabilistic_margin', 'MAIL', 'mixup_ce', 'IAT',
+           'make_objective']
 
 # %% ../nbs/05_objectives.ipynb #c8313672
 class Objective:
@@ -59,12 +63,35 @@ class Objective:
         return f'{type(self).__name__}(' + ', '.join(f'{k}={v!r}' for k, v in keys.items()) + f', attack={self.attack!r})'
 
 
-def _madry(eps, alpha, steps):
-    return PGD(eps=eps, alpha=alpha, steps=steps, init='uniform')
+def _madry(eps, alpha, steps, **kw):
+    return PGD(eps=eps, alpha=alpha, steps=steps, init='uniform', **kw)
 
 
-def _trades_init_pgd(eps, alpha, steps):
-    return PGD(eps=eps, alpha=alpha, steps=steps, init='normal')
+def _trades_init_pgd(eps, alpha, steps, clip_start=True):
+    return PGD(eps=eps, alpha=alpha, steps=steps, init='normal', clip_start=clip_start)
+
+
+FORWARDS = ('clean', 'adv')
+
+
+def check_forwards(forwards) -> tuple:
+    "A train-mode forward order: 'clean' and 'adv' each at least once (repeats only update BN statistics)."
+    if isinstance(forwards, str): forwards = tuple(f.strip() for f in forwards.split(','))
+    forwards = tuple(forwards)
+    if not forwards or any(f not in FORWARDS for f in forwards) or set(forwards) != set(FORWARDS):
+        raise ConfigError(f"forwards = {forwards!r}: expected 'clean' and 'adv' in the code's order, e.g. ('clean', 'adv', 'clean')")
+    return forwards
+
+
+def ordered_forwards(model, model_adv, x, x_adv, forwards) -> tuple:
+    "Clean and adversarial logits from train-mode forwards in the given order; a repeated input is forwarded again without a graph."
+    out = {}
+    for which in forwards:
+        net, inp = (model, x) if which == 'clean' else (model_adv or model, x_adv)
+        if which in out:
+            with torch.no_grad(): net(inp)  # the released code forwards this input twice: only BN statistics change
+        else: out[which] = net(inp)
+    return out['clean'], out['adv']
 
 # %% ../nbs/05_objectives.ipynb #193a69c6
 class _NoAttack(Attack):
@@ -91,8 +118,10 @@ class PGDAT(Objective):
     "PGD adversarial training: cross-entropy on PGD examples."
     name = 'pgdat'
 
-    def __init__(self, eps:float=8/255, alpha:float=2/255, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None):
-        super().__init__(attack or _madry(eps, alpha, steps), bn_mode)
+    def __init__(self, eps:float=8/255, alpha:float=2/255, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
+                 select_forward:bool=False, # the Rice et al. code's `attack_pgd`: one more (train-mode: BN-updating) forward after the last step
+                ):
+        super().__init__(attack or _madry(eps, alpha, steps, select_forward=select_forward), bn_mode)
 
     def loss(self, model, x, x_adv, y, model_adv=None):
         za = (model_adv or model)(x_adv)
@@ -111,12 +140,16 @@ class TRADES(Objective):
     "TRADES: clean CE plus β times the KL between clean and adversarial predictions."
     name = 'trades'
 
-    def __init__(self, beta:float=6.0, eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None):
-        super().__init__(attack or TradesKL(eps=eps, alpha=alpha, steps=steps), bn_mode)
+    def __init__(self, beta:float=6.0, eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
+                 clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
+                 forwards=('clean', 'adv'), # train-mode forward order; TRADES code: clean, adv, clean; TRADES-AWP code: adv, clean, clean
+                ):
+        super().__init__(attack or TradesKL(eps=eps, alpha=alpha, steps=steps, clip_start=clip_start), bn_mode)
         self.beta = check('beta', beta, float, lo=0)
+        self.forwards = check_forwards(forwards)
 
     def loss(self, model, x, x_adv, y, model_adv=None):
-        z, za = model(x), (model_adv or model)(x_adv)
+        z, za = ordered_forwards(model, model_adv, x, x_adv, self.forwards)
         ce, kl = F.cross_entropy(z, y), batch_kl(z, za).mean()
         loss = ce + self.beta*kl
         self.last_logits = dict(clean=z, adv=za)
@@ -127,8 +160,10 @@ class MART(Objective):
     "MART: boosted CE on adversarial examples plus a misclassification-weighted KL."
     name = 'mart'
 
-    def __init__(self, beta:float=6.0, eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None):
-        super().__init__(attack or _trades_init_pgd(eps, alpha, steps), bn_mode)
+    def __init__(self, beta:float=6.0, eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
+                 clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
+                ):
+        super().__init__(attack or _trades_init_pgd(eps, alpha, steps, clip_start), bn_mode)
         self.beta = check('beta', beta, float, lo=0)
 
     def loss(self, model, x, x_adv, y, model_adv=None):
@@ -150,8 +185,10 @@ class HELP(Objective):
 
     def __init__(self, helper:nn.Module|None=None, # standard-trained model labelling the helper examples (required to train)
                  h:float=2.0, beta:float=2.5, gamma:float=0.5, form:str='trades',
-                 eps:float=8/255, alpha:float=2/255, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None):
-        super().__init__(attack or TradesKL(eps=eps, alpha=alpha, steps=steps), bn_mode)
+                 eps:float=8/255, alpha:float=2/255, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
+                 clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
+                ):
+        super().__init__(attack or TradesKL(eps=eps, alpha=alpha, steps=steps, clip_start=clip_start), bn_mode)
         self.helper = helper
         self.h, self.beta, self.gamma = check('h', h, float, lo=1), check('beta', beta, float, lo=0), check('gamma', gamma, float, lo=0)
         self.form = check('form', form, str, choices=['trades', 'at'])
@@ -172,19 +209,23 @@ class HELP(Objective):
 
 # %% ../nbs/05_objectives.ipynb #fd9ba38b
 def gair_weights(kappa:torch.Tensor, # per-sample count of correctly classified PGD iterations
-                 steps:int, # K, the attack's number of iterations
+                 steps:int, # K, the attack's number of iterations (≥ 2)
                  lam:float, # λ
                 ) -> torch.Tensor:
-    "GAIRAT weights (1 + tanh(λ + 5(1 − 2κ/K)))/2, normalised to sum to the batch size."
-    w = (1 + torch.tanh(lam + 5*(1 - 2*kappa.float()/steps)))/2
-    return len(w)*w/w.sum()
+    "GAIRAT weights (1 + tanh(λ + 5(h − κ)/h))/2 with h = ⌊K/2⌋ (the code's `int(num_steps/2)`), normalised to sum to the (global) batch size."
+    h = int(steps/2)
+    if h < 1: raise ConfigError(f'steps = {steps}: GAIRAT weights need K >= 2 attack iterations')
+    w = (1 + torch.tanh(lam + (h - kappa.float())*5/h))/2
+    return distributed.global_rows(len(w))*w/distributed.sum_scalar(w.sum()).to(w)
 
 
 class GAIRAT(Objective):
     "Geometry-aware instance-reweighted AT: CE on GA-PGD examples, weighted by how few steps each point survived."
     name = 'gairat'
 
-    def __init__(self, lam:float=-1.0, begin_epoch:int|None=None, schedule:str='fixed', lam_max:float=1.0,
+    def __init__(self, lam:float=-1.0,
+                 begin_epoch:int|None=None, # the code's --begin_epoch: reweight from the epoch numbered begin_epoch counting from 1 (None: half the run)
+                 schedule:str='fixed', lam_max:float=1.0,
                  label_smoothing:float=0.0, # on the weighted CE (DYNAT's GAIRAT hybrid uses 0.2)
                  eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:IterativeAttack|None=None):
         super().__init__(attack or _madry(eps, alpha, steps), bn_mode)
@@ -197,10 +238,10 @@ class GAIRAT(Objective):
     def begin(self) -> int: return self.begin_epoch if self.begin_epoch is not None else self.epochs//2
 
     def current_lambda(self) -> float|None:
-        "λ for this epoch, or None during burn-in (plain mean CE)."
-        if self.epoch < self.begin: return None
+        "λ for this epoch, or None during burn-in (plain mean CE); the code tests `(epoch + 1) >= begin_epoch` with 0-based epochs."
+        if self.epoch + 1 < self.begin: return None
         if self.schedule == 'fixed': return self.lam
-        frac = (self.epoch - self.begin)/max(1, self.epochs - self.begin)
+        frac = (self.epoch + 1 - self.begin)/max(1, self.epochs - self.begin)
         return self.lam_max - frac*(self.lam_max - self.lam)
 
     def perturb(self, model, x, y, attack=None, bn_mode=None):
@@ -235,10 +276,14 @@ class MAIL(Objective):
     name = 'mail'
 
     def __init__(self, form:str='at', bias:float|None=None, slope:float|None=None, beta:float=5.0,
-                 burn_in:int|None=None, weight_scale:float|str=3.0,
-                 eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None):
+                 burn_in:int|None=None, # unweighted epochs at the start (None: 76 of 120, the code's `epoch <= 75`)
+                 weight_scale:float|str=3.0,
+                 eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
+                 clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
+                ):
         self.form = check('form', form, str, choices=['at', 'trades'])
-        atk = attack or (TradesKL(eps=eps, alpha=alpha, steps=steps) if form == 'trades' else _trades_init_pgd(eps, alpha, steps))
+        atk = attack or (TradesKL(eps=eps, alpha=alpha, steps=steps, clip_start=clip_start) if form == 'trades'
+                         else _trades_init_pgd(eps, alpha, steps, clip_start))
         super().__init__(atk, bn_mode)
         self.bias = check('bias', (-0.5 if form == 'at' else 0.0) if bias is None else bias, float)
         self.slope = check('slope', (10.0 if form == 'at' else 2.0) if slope is None else slope, float, lo=0)
@@ -249,23 +294,24 @@ class MAIL(Objective):
         self.weight_scale = weight_scale
 
     @property
-    def burn(self) -> int: return self.burn_in if self.burn_in is not None else round(self.epochs*75/120)
+    def burn(self) -> int: return self.burn_in if self.burn_in is not None else round(self.epochs*76/120)
 
     def weights(self, z_adv, y):
         "ω = sigmoid(s·(PM + b)), scaled as the code does."
         w = torch.sigmoid(self.slope*(probabilistic_margin(z_adv, y) + self.bias))
-        return w*len(w)/w.sum() if self.weight_scale == 'batch' else w*self.weight_scale
+        if self.weight_scale != 'batch': return w*self.weight_scale
+        return w*distributed.global_rows(len(w))/distributed.sum_scalar(w.sum()).to(w)
 
     def loss(self, model, x, x_adv, y, model_adv=None):
-        za = (model_adv or model)(x_adv)
-        self.last_logits = dict(adv=za)
         weighted = self.epoch >= self.burn
         if self.form == 'at':
+            za = (model_adv or model)(x_adv)
+            self.last_logits = dict(adv=za)
             ce = F.cross_entropy(za, y, reduction='none')
             w = self.weights(za, y) if weighted else torch.ones_like(ce)
             loss = (w*ce).mean()
             return loss, dict(loss=loss.item(), weight_mean=w.mean().item())
-        z = model(x)
+        z, za = model(x), (model_adv or model)(x_adv)  # the code's order: clean, then adversarial
         self.last_logits = dict(clean=z, adv=za)
         kl = batch_kl(z, za)
         w = self.weights(za, y) if weighted else torch.ones_like(kl)
@@ -289,9 +335,10 @@ class IAT(Objective):
         self.alpha_mix = check('alpha_mix', alpha_mix, float, lo=0, lo_open=True)
 
     def draw(self, n:int, device):
-        "λ ~ Beta(α, α) and a random permutation, from torch's generator."
-        lam = torch.distributions.Beta(self.alpha_mix, self.alpha_mix).sample().item()
-        return lam, torch.randperm(n).to(device)
+        "λ ~ Beta(α, α) and a permutation of the n rows (keyed draws inside a `random_scope`; in a process group each process mixes its own rows)."
+        g = shared_generator()
+        lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (), generator=g))).beta(self.alpha_mix, self.alpha_mix))
+        return lam, torch.randperm(n, generator=shared_generator()).to(device)
 
     def loss(self, model, x, x_adv, y, model_adv=None):
         l1, p1 = self.draw(len(x), x.device)
