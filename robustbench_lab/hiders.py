@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import PGD, attack_mode
+from . import distributed
 from .core import atomic_write, check, check_list
 from .learner import Callback
 
@@ -96,7 +97,7 @@ class HiderTracker(Callback):
         self.buffer[i] = (x_adv, c_adv, c_nat)
         for e in [e for e in self.buffer if e <= i - max(self.intervals)]: del self.buffer[e]
         learn.record['hider_defended'] = int(c_adv.sum())
-        if self.folder is not None:
+        if self.folder is not None and distributed.is_main():
             with atomic_write(self.folder/'hiders.pt') as f: torch.save(self._pack(), f)
 
     def _pack(self):

@@ -8,12 +8,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import math
+
+import numpy as np
+import torch.nn.functional as F
+
+from . import distributed
 from .attacks import PGD, attack_mode
-from .core import check, check_list
+from .core import check, check_list, random_scope
+from .learner import Callback
 from .models import MultiBN, bn_branch, multibn_layers
 
 # %% auto #0
-__all__ = ['middle_bn', 'feature_statistics', 'fusing_weight_curve']
+__all__ = ['middle_bn', 'feature_statistics', 'fusing_weight_curve', 'spearman', 'afa_mechanism', 'beats_baseline',
+           'f2at_mechanism', 'AFAProbeCB', 'F2ATProbeCB', 'mechanism_flags']
 
 # %% ../nbs/22_probes.ipynb #8b91b8a0
 def middle_bn(model:nn.Module) -> nn.Module:
@@ -75,3 +83,144 @@ def fusing_weight_curve(model:nn.Module, # an AFAModel (has `w0()`)
         w1 = torch.cat(ws)
         per.append(w1); mean.append(w1.mean().item()); std.append(w1.std().item())
     return dict(eps=list(eps_grid), mean=mean, std=std, w1=per)
+
+# %% ../nbs/22_probes.ipynb #66e50dea
+def spearman(a, b) -> float:
+    "Spearman's rank correlation of two equally long sequences (NaN when either is constant)."
+    from scipy.stats import spearmanr
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.std() == 0 or b.std() == 0: return float('nan')
+    return float(spearmanr(a, b).statistic)
+
+
+def _correct(model, x, y):
+    with torch.no_grad(), attack_mode(model, 'eval'): return model(x).argmax(1) == y
+
+
+def _ce(model, x, y):
+    with torch.no_grad(), attack_mode(model, 'eval'): return F.cross_entropy(model(x), y).item()
+
+
+def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fixed_branch(k)`
+                  x:torch.Tensor, y:torch.Tensor, # the probe set (float [0, 1])
+                  eps_grid:list, # attack strengths, e.g. k/255 for k = 0..8
+                  steps:int=10, # PGD iterations (step ε/4)
+                  seed:int=0,
+                 ) -> dict:
+    "W₁(ε) of the fused model, its Spearman ρ with ε, each kept branch's and the fused model's accuracy per ε, the branches' CE gap."
+    eps_grid = check_list('eps_grid', list(eps_grid), float, lo=0, hi=1, min_length=2, increasing=True)
+    dev = next(model.parameters()).device
+    x, y = x.to(dev), y.to(dev)
+    def attacked(e, i):
+        if e == 0: return x
+        with random_scope(seed, i, total=len(x)): return PGD(eps=e, steps=steps)(model, x, y)
+    w1, acc = [], {'fused': [], 'branch0': [], 'branch1': []}
+    for i, e in enumerate(eps_grid):
+        xa = attacked(e, i)
+        with torch.no_grad(), attack_mode(model, 'eval'):
+            ok = model(xa).argmax(1) == y
+            w0 = model.w0()
+        w1.append((1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu())
+        acc['fused'].append(ok.float().mean().item())
+        if i == len(eps_grid) - 1: x_max = xa
+    for k in (0, 1):
+        with model.fixed_branch(k):
+            for i, e in enumerate(eps_grid): acc[f'branch{k}'].append(_correct(model, attacked(e, i), y).float().mean().item())
+            ce_clean, ce_adv = _ce(model, x, y), _ce(model, x_max, y)
+        acc[f'ce_clean_b{k}'], acc[f'ce_adv_b{k}'] = ce_clean, ce_adv
+    W = torch.stack(w1)  # ε × n
+    mean = W.mean(1).tolist()
+    rho = spearman(np.repeat(eps_grid, W.shape[1]), W.flatten().numpy())
+    best = [max(a, b) for a, b in zip(acc['branch0'], acc['branch1'])]
+    tol = 1/len(x)  # one sample
+    return dict(eps=eps_grid, w1_mean=mean, w1_std=W.std(1).tolist(), rho=rho, w1_range=max(mean) - min(mean),
+                acc_fused=acc['fused'], acc_branch0=acc['branch0'], acc_branch1=acc['branch1'],
+                fused_at_least_best=float(np.mean([f >= b - tol for f, b in zip(acc['fused'], best)])),
+                ce_clean_b0=acc['ce_clean_b0'], ce_clean_b1=acc['ce_clean_b1'], ce_adv_b0=acc['ce_adv_b0'], ce_adv_b1=acc['ce_adv_b1'],
+                flat=bool(not (abs(rho) >= 0.5) or max(mean) - min(mean) < 0.1))
+
+# %% ../nbs/22_probes.ipynb #0b76ac2e
+def beats_baseline(est:torch.Tensor, shuffled:torch.Tensor) -> tuple[float, bool]:
+    "(mean per-sample margin of an estimate over its shuffled baseline, whether it exceeds two standard errors)."
+    d = (est - shuffled).double()
+    margin, se = d.mean().item(), (d.std().item()/math.sqrt(len(d)) if len(d) > 1 else float('inf'))
+    return margin, bool(margin > 2*se)
+
+
+def f2at_mechanism(model:nn.Module, # the network being trained
+                   method, # the F2AT method (its estimators and settings)
+                   x:torch.Tensor, y:torch.Tensor, # the probe batch (float [0, 1]); at least 3 points
+                   seed:int=0,
+                  ) -> dict:
+    "Î_nat, Î_pert and their shuffled-pair baselines, and the gradient ratio ‖∇α·L_pd‖/‖∇L_ce‖ with its cosine."
+    from robustbench_lab.f2at import pattern_dependent_loss, representation, split_patterns
+    dev = next(model.parameters()).device
+    x, y = x.to(dev), y.to(dev)
+    with random_scope(seed, total=len(x)): xa = method.objective.attack(model, x, y)
+    nat, pert = split_patterns(xa, method.K)
+    pert_in = pert*2**method.K if method.scale_pert else pert
+    roll = torch.roll(torch.arange(len(x), device=dev), 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with attack_mode(model, 'eval'):
+        for p in params: p.requires_grad_(True)
+        rep, z = representation(model, xa, method.source)
+        with torch.no_grad():
+            out = {k: est(pat, r) for k, est, pat, r in (('nat', method.est_nat, nat, rep), ('pert', method.est_pert, pert_in, rep),
+                                                           ('nat_shuffled', method.est_nat, nat, rep[roll]), ('pert_shuffled', method.est_pert, pert_in, rep[roll]))}
+        g_ce = torch.autograd.grad(F.cross_entropy(z, y), params, retain_graph=True, allow_unused=True)
+        pd = max(method.alpha, 1e-12)*pattern_dependent_loss(method.est_nat(nat, rep), method.est_pert(pert_in, rep), method.tau, method.n_neg)
+        g_pd = torch.autograd.grad(pd, params, allow_unused=True)
+    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
+    a, b = flat(g_pd), flat(g_ce)
+    res = dict(i_nat=out['nat'].mean().item(), i_nat_shuffled=out['nat_shuffled'].mean().item(),
+               i_pert=out['pert'].mean().item(), i_pert_shuffled=out['pert_shuffled'].mean().item(),
+               grad_ratio=(a.norm()/b.norm().clamp_min(1e-30)).item(), grad_cosine=F.cosine_similarity(a, b, dim=0).item())
+    res['nat_margin'], nat_ok = beats_baseline(out['nat'], out['nat_shuffled'])
+    res['pert_margin'], pert_ok = beats_baseline(out['pert'], out['pert_shuffled'])
+    res['no_signal'] = [k for k, ok in (('nat', nat_ok), ('pert', pert_ok)) if not ok]
+    return res
+
+# %% ../nbs/22_probes.ipynb #c24007cd
+class AFAProbeCB(Callback):
+    "AFA Stage II's mechanism probe (`afa_mechanism`) every `every` epochs on a fixed probe set."
+    order = 13
+
+    def __init__(self, x:torch.Tensor, y:torch.Tensor, # probe set (uint8 or float)
+                 eps_max:float=8/255, points:int=9, # the ε grid: `points` strengths from 0 to eps_max
+                 steps:int=10, every:int=1, seed:int=0):
+        self.x = x.float()/255 if x.dtype == torch.uint8 else x.float()
+        self.y, self.steps, self.every, self.seed = y, steps, check('every', every, int, lo=1), seed
+        self.grid = [eps_max*k/(points - 1) for k in range(check('points', points, int, lo=2))]
+
+    def after_epoch(self, learn):
+        if (learn.epoch % self.every and learn.epoch != learn.epochs) or not distributed.is_main(): return
+        r = afa_mechanism(learn.eval_model(), self.x, self.y, self.grid, self.steps, self.seed)
+        learn.record.update({f'probe_{k}': v for k, v in r.items()})
+
+
+class F2ATProbeCB(Callback):
+    "F²AT's mechanism probe (`f2at_mechanism`) every `every` epochs on a fixed batch."
+    order = 13
+
+    def __init__(self, x:torch.Tensor, y:torch.Tensor, every:int=1, seed:int=0):
+        self.x = x.float()/255 if x.dtype == torch.uint8 else x.float()
+        self.y, self.every, self.seed = y, check('every', every, int, lo=1), seed
+
+    def after_epoch(self, learn):
+        if (learn.epoch % self.every and learn.epoch != learn.epochs) or not distributed.is_main(): return
+        r = f2at_mechanism(learn.model, learn.method, self.x, self.y, self.seed)
+        learn.record.update({f'probe_{k}': v for k, v in r.items()})
+
+
+def mechanism_flags(record:dict) -> list[dict]:
+    "Report flags (kind 'mechanism') from an epoch record's probe results."
+    out = []
+    if record.get('probe_flat'):
+        out.append(dict(code='weight_generator_flat', kind='mechanism', message=(
+            f"the weight generator does not adapt: W1 from {min(record['probe_w1_mean']):.3f} to {max(record['probe_w1_mean']):.3f} over "
+            f"ε = 0..{record['probe_eps'][-1]*255:.3g}/255 (Spearman ρ = {record['probe_rho']:.2f})")))
+    for k in record.get('probe_no_signal') or []:
+        out.append(dict(code='mi_no_signal', kind='mechanism', message=(
+            f"the {k} MI estimator carries no signal: Î_{k} = {record[f'probe_i_{k}']:.3f} vs {record[f'probe_i_{k}_shuffled']:.3f} "
+            f"on shuffled pairs (margin {record[f'probe_{k}_margin']:.3f}, not above two standard errors)")))
+    return out

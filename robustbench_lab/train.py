@@ -5,8 +5,10 @@
 # %% ../nbs/08_train.ipynb #56c0e032
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -18,30 +20,37 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .core import ConfigError, atomic_write, check, check_list, get_device, seed_everything, settings
 from .data import DATASETS, DataNotFoundError, Loader, dataset_info, default_augment, load_arrays
 from .evaluate import SUITES, Report, evaluate
 from .learner import (SCHEDULES, AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, ProgressCB, Schedule,
-                                     StepLogCB, load_checkpoint)
+                                     StepLogCB, RUN_ONLY_KEYS, TrainingDiverged, load_checkpoint)
 from .afa import AFA, OAT, OAT_LAMBDAS, AFAModel, AFAStage2, BranchView, check_xi, default_xi, oat_model
 from .dynat import DYNAT, dynat_objective
 from .f2at import ABLATIONS as F2AT_ABLATIONS, F2AT, load_estimators, pretrain_estimators, save_estimators
 from .hfat import HFAT
 from .hiders import HiderTracker
+from .probes import AFAProbeCB, F2ATProbeCB, mechanism_flags
 from .methods import AWP, LBGAT, SEAT, Standard
 from functools import partial
 from .models import ARCHS, KNOWN_ARCHS, _WRN, MultiBN, create_model
 from .objectives import OBJECTIVES, make_objective
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'METHOD_NAMES', 'PRESETS', 'resolve_config', 'build_model',
-           'build_objective', 'build_method', 'Run', 'run_or_tiny', 'scale_note', 'TrainResult', 'train',
-           'run_pipeline', 'main']
+__all__ = ['DEFAULTS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'METHOD_NAMES', 'PRESETS', 'PRESET_METHOD', 'PIPELINES',
+           'PIPELINE_NAMES', 'unknown_names_error', 'apply_preset', 'resolve_config', 'build_model', 'rice_code',
+           'build_objective', 'build_method', 'Run', 'run_or_tiny', 'scale_note', 'TrainResult', 'stored_config',
+           'run_state', 'method_probes', 'worker_train', 'train', 'pipeline_values', 'speaking', 'pipeline_params',
+           'run_pipeline_notebook', 'run_pipeline', 'notebook_parameters', 'main', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #9cf30c07
 DEFAULTS = dict(
     # what to train
     method='standard', objective=None, dataset='digits', arch='small_cnn', width=None,
+    # how the released code bases differ (the `-code` presets set these): input normalisation inside the model, the crop's
+    # padding mode, clipping the TRADES-style random start, and the code's extra forward passes (see `code_forwards` below)
+    normalize=True, pad_mode='constant', clip_start=True, code_forwards=False,
     # optimisation
     epochs=3, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False,
     schedule='piecewise', milestones=None, lr_factors=None,
@@ -55,20 +64,23 @@ DEFAULTS = dict(
     hfat_eps_s=7/255, hfat_alpha_s=7/255, hfat_steps_s=7, hfat_r_mean=0.4, hfat_r_std=0.001, hfat_noise=0.01/255,
     hfat_lt=1.5, hfat_gamma=0.01, hfat_weighting='code', hfat_beta_r=0.0, hfat_beta_u=1.0, hfat_lambda_a=None, hfat_awp=False,
     # DYNAT (code defaults; the target's loss is `objective`: pgdat, gairat or mail)
-    guide_arch=None, dynat_inner='trades', dynat_lambda=1.0, dynat_awp=False, dynat_guide_mode='train', dynat_label_smoothing=0.2,
+    guide_arch=None, dynat_inner='dynamic', dynat_lambda=1.0, dynat_awp=False, dynat_guide_mode='train', dynat_label_smoothing=0.2,
     # AFA (Stage I: K-branch BN training; Stage II: the weight generator on a frozen Stage I backbone) and OAT
     afa_K=5, afa_xi=None, afa_stage=1, afa_from=None, afa_placement='stem', afa_clean_prob=0.2, afa_attack_steps=7,
     oat_eval_lambda=1.0,
     # F²AT (paper defaults; estimators pre-trained on a PGD-AT source model unless given)
     f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0, f2at_tau=0.07, f2at_v=0.995, f2at_margin='soft', f2at_ablation=None,
     f2at_source='features', f2at_mode='frozen', f2at_estimators=None, f2at_source_run=None, f2at_source_epochs=None,
-    f2at_est_epochs=25, f2at_units=2048, f2at_est_batch=400,
+    f2at_est_epochs=25, f2at_units=2048, f2at_est_batch=400, f2at_nat_bn='batch', f2at_alpha_warmup=0, f2at_est_lr=1e-3,
+    # mechanism probes (AFA Stage II, F²AT): measured every `probe_every` epochs on the first `probe_n` test points
+    probes=True, probe_n=256, probe_every=1,
     # hider tracking (any method): full per-epoch tracking, or (default) the end-of-run ratio only
     hiders=False, hider_n=200, hider_intervals=None, keep_epochs=None,
     # data, evaluation, reporting
     seed=0, n_train=None, n_eval=200, eval_every=1, suite='monitor', n_report=None, report_best=False, best_after=0, patience=None,
-    # machine and run folder
-    device='cpu', channels_last=True, amp=None, compile=False, progress=True,
+    # machine, processes and run folder
+    device='cpu', channels_last=True, amp=None, compile=False, progress=True, nonfinite='stop',
+    nproc=1, sync_bn=False, backend=None,
     run_name=None, runs_dir=None, resume=False, checkpoint_every=None, preset=None,
 )
 
@@ -78,44 +90,83 @@ METHOD_NAMES = ('standard', 'awp', 'seat', 'lbgat', 'hfat', 'dynat', 'afa', 'oat
 
 # %% ../nbs/08_train.ipynb #bda5d297
 _C10 = dict(dataset='cifar10', n_train=None, n_eval=1000, suite='monitor')
+_RAW = dict(normalize=False, clip_start=False)  # TRADES-family code: raw [0, 1] pixels, the unclipped x + 0.001·N(0, I) start
+_RICE = dict(normalize=True, pad_mode='reflect', code_forwards=True, bn_mode='train')  # the Rice et al. code base
+_HFAT_PROTOCOL = dict(arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, eps=8/255, alpha=2/255, steps=10)
 PRESETS = {
-    'hfat-paper': dict(_C10, arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, schedule='multistep',
-                       milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, best_after=80, report_best=True,
-                       hfat_steps_s=5, hfat_weighting='paper'),
-    'hfat-code': dict(_C10, method='hfat', arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, schedule='piecewise',
-                      eps=8/255, alpha=2/255, steps=10, best_after=80, report_best=True, seed=42),
-    'rice-piecewise': dict(_C10, arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, schedule='piecewise',
-                           eps=8/255, alpha=2/255, steps=10, bn_mode='train', best_after=80),
-    'trades-paper': dict(_C10, arch='wrn-34-10', objective='trades', beta=6.0, epochs=76, lr=0.1, weight_decay=2e-4,
-                         schedule='multistep', milestones=[75/76], eps=0.031, alpha=0.007, steps=10),
-    'mart-paper': dict(_C10, arch='resnet18', objective='mart', beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3,
-                       schedule='multistep', milestones=[75/120, 90/120, 100/120], eps=0.031, alpha=0.007, steps=10),
-    'lbgat-paper': dict(_C10, method='lbgat', arch='wrn-34-10', natural_arch='resnet18', beta=0.0, epochs=100, lr=0.1,
-                        weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10),
-    'gairat-paper': dict(_C10, arch='resnet18', objective='gairat', epochs=120, lr=0.1, weight_decay=2e-4, schedule='multistep',
-                         milestones=[0.5, 0.75, 110/120], lr_factors=[0.1, 0.01, 0.005], eps=0.031, alpha=0.007, steps=10,
-                         gairat_lambda=-1.0, gairat_begin=60),
-    'mail-paper': dict(_C10, arch='resnet18', objective='mail', beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3,
-                       schedule='multistep', milestones=[75/120, 90/120, 100/120], eps=0.031, alpha=0.007, steps=10),
-    'seat-paper': dict(_C10, method='seat', arch='resnet18', epochs=120, lr=0.01, weight_decay=3.5e-3, schedule='linear',
-                       eps=0.031, alpha=0.007, steps=10),
-    'help-paper': dict(_C10, arch='resnet18', objective='help', beta=2.5, hat_gamma=0.5, hat_h=2.0, epochs=50, lr=0.21,
-                       nesterov=True, weight_decay=5e-4, schedule='cyclic', eps=8/255, alpha=2/255, steps=10),
-    'dynat-paper': dict(_C10, method='dynat', arch='wrn-34-10', guide_arch='resnet18', objective='pgdat', epochs=100, lr=0.1,
-                        weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=2/255, steps=10, seed=2022),
-    'dynat-code': dict(_C10, method='dynat', arch='wrn-34-10', guide_arch='resnet18', objective='pgdat', epochs=100, lr=0.1,
-                       weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10, seed=2022),
+    # the four papers
+    'hfat-code': dict(_C10, **_RICE, **_HFAT_PROTOCOL, method='hfat', objective='pgdat', schedule='piecewise', hfat_steps_s=7,
+                      hfat_weighting='code', best_after=81, report_best=True, n_eval=10000, seed=42),
+    'hfat-paper': dict(_C10, **_HFAT_PROTOCOL, method='hfat', objective='pgdat', schedule='multistep', milestones=[0.5, 0.75],
+                       hfat_steps_s=5, hfat_weighting='paper', best_after=81, report_best=True),
+    'dynat-code': dict(_C10, **_RAW, code_forwards=True, method='dynat', objective='pgdat', arch='wrn-34-10', guide_arch='resnet18_s1',
+                       dynat_inner='dynamic', epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10, seed=2022),
+    'dynat-paper': dict(_C10, method='dynat', objective='pgdat', arch='wrn-34-10', guide_arch='resnet18', dynat_inner='trades',
+                        epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=2/255, steps=10, seed=2022),
     'afa-paper': dict(_C10, method='afa', arch='wrn-28-10', objective='pgdat', afa_K=5, epochs=100, lr=0.1, weight_decay=5e-4,
-                      schedule='multistep', milestones=[0.75, 0.9], eps=8/255),
+                      schedule='multistep', milestones=[0.75, 0.9], eps=8/255,
+                      afa_stage2=dict(epochs=20, lr=0.01, schedule='multistep', milestones=[0.5], lr_factors=[0.1])),
     'f2at-paper': dict(_C10, method='f2at', arch='resnet18', epochs=100, lr=0.1, weight_decay=2e-4, schedule='multistep',
                        milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0,
                        f2at_tau=0.07, f2at_v=0.995, f2at_units=2048, f2at_est_epochs=25),
-    'iat-paper': dict(_C10, arch='resnet18', objective='iat', iat_alpha=1.0, epochs=200, lr=0.1, weight_decay=2e-4,
+    # the baselines' released code
+    'trades-code': dict(_C10, **_RAW, code_forwards=True, objective='trades', arch='wrn-34-10', beta=6.0, epochs=76, lr=0.1,
+                        weight_decay=2e-4, schedule='multistep', milestones=[74/76], eps=0.031, alpha=0.007, steps=10),
+    'mart-code': dict(_C10, **_RAW, objective='mart', arch='resnet18', beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3,
+                      schedule='multistep', milestones=[74/120, 89/120, 99/120], lr_factors=[0.1, 0.01, 0.001], eps=0.031,
+                      alpha=0.007, steps=10),
+    'awp-code': dict(_C10, **_RICE, **_HFAT_PROTOCOL, method='awp', objective='pgdat', schedule='piecewise', awp_gamma=0.01, awp_warmup=0),
+    'trades-awp-code': dict(_C10, **_RAW, code_forwards=True, method='awp', objective='trades', arch='wrn-34-10', beta=6.0, epochs=200,
+                            lr=0.1, weight_decay=5e-4, schedule='multistep', milestones=[99/200, 149/200], eps=8/255, alpha=2/255,
+                            steps=10, awp_gamma=0.005, awp_warmup=9),
+    'lbgat-code': dict(_C10, **_RAW, dataset='cifar100', method='lbgat', arch='wrn-34-10', natural_arch='resnet18_s1', beta=0.0,
+                       epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10),
+    'gairat-code': dict(_C10, normalize=False, objective='gairat', arch='resnet18', epochs=120, lr=0.1, weight_decay=2e-4,
+                        schedule='multistep', milestones=[59/120, 89/120, 109/120], lr_factors=[0.1, 0.01, 0.005], eps=0.031,
+                        alpha=0.007, steps=10, gairat_lambda=-1.0, gairat_begin=60),
+    'mail-code': dict(_C10, **_RAW, objective='mail', mail_form='at', mail_bias=-0.5, mail_slope=10.0, mail_burn_in=76,
+                      arch='resnet18', beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3, schedule='multistep',
+                      milestones=[75/120, 90/120, 100/120], lr_factors=[0.1, 0.01, 0.001], eps=0.031, alpha=0.007, steps=10),
+    'seat-code': dict(_C10, normalize=False, method='seat', objective='pgdat', arch='resnet18', epochs=120, lr=0.01,
+                      weight_decay=3.5e-3, schedule='linear_epoch', eps=0.031, alpha=0.007, steps=10),
+    'help-code': dict(_C10, **_RAW, objective='help', arch='resnet18', beta=2.5, hat_gamma=0.5, hat_h=2.0, epochs=50, helper_epochs=50,
+                      lr=0.21, nesterov=True, weight_decay=5e-4, schedule='onecycle', eps=8/255, alpha=2/255, steps=10),
+    'oat-code': dict(_C10, method='oat', arch='resnet34', epochs=200, lr=0.1, weight_decay=5e-4, schedule='cosine_epoch', eps=8/255, steps=7),
+    'iat-paper': dict(_C10, objective='iat', arch='resnet18', iat_alpha=1.0, epochs=200, lr=0.1, weight_decay=2e-4,
                       schedule='multistep', milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=7),
+    # protocols: the method is yours
+    'hfat-protocol': dict(_C10, **_HFAT_PROTOCOL, schedule='multistep', milestones=[0.5, 0.75], best_after=81, report_best=True),
+    'rice-protocol': dict(_C10, **_RICE, **_HFAT_PROTOCOL, schedule='piecewise', best_after=81, report_best=True),
+    'dynat-protocol': dict(_C10, arch='wrn-34-10', epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10),
+    'afa-protocol': dict(_C10, arch='wrn-28-10', epochs=100, lr=0.1, weight_decay=5e-4, schedule='multistep', milestones=[0.75, 0.9], eps=8/255),
+    'f2at-protocol': dict(_C10, arch='resnet18', epochs=100, lr=0.1, weight_decay=2e-4, schedule='multistep', milestones=[0.5, 0.75],
+                          eps=8/255, alpha=2/255, steps=10),
 }
+PRESET_METHOD = {name: p.get('method', p.get('objective')) for name, p in PRESETS.items()}  # None: a protocol
 
 # %% ../nbs/08_train.ipynb #fdb4d552
 _RUN_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$')
+
+
+def _check_processes(c:dict, device:torch.device):
+    "nproc, sync_bn and backend: refused before any process starts, with what is allowed."
+    from robustbench_lab import distributed
+    if distributed.launched():  # a process of a group (torchrun / train(nproc=N)): the group's size is the truth
+        world = int(os.environ['WORLD_SIZE'])
+        if c['nproc'] not in (1, world):
+            raise ConfigError(f"nproc = {c['nproc']}: this process belongs to a group of {world} (WORLD_SIZE); leave nproc at 1 or set it to {world}")
+        c['nproc'] = world
+    nproc = check('nproc', c['nproc'], int, lo=1)
+    if device.type == 'cuda' and nproc > torch.cuda.device_count() and not distributed.launched():
+        raise ConfigError(f'nproc = {nproc}: only {torch.cuda.device_count()} CUDA device(s) here (one process per GPU)')
+    check('backend', c['backend'], str, choices=distributed.BACKENDS, allow_none=True)
+    if c['backend'] == 'nccl' and device.type != 'cuda': raise ConfigError("backend = 'nccl' needs device='cuda' (use 'gloo' on CPU)")
+    c['backend'] = c['backend'] or distributed.default_backend(device)
+    if nproc > 1 and c['batch_size'] % nproc:
+        raise ConfigError(f"batch_size = {c['batch_size']}: the global batch must split evenly over nproc = {nproc} processes")
+    if c['sync_bn'] and nproc > 1:
+        with torch.device('meta'): net = build_model(c)
+        if not distributed.has_batchnorm(net): raise ConfigError(f"sync_bn = True: arch {c['arch']!r} has no BatchNorm layer to synchronise")
 
 
 def _check_arch(name, key='arch'):
@@ -123,15 +174,37 @@ def _check_arch(name, key='arch'):
     if name not in ARCHS and not _WRN.match(name): raise ConfigError(f'{key} = {name!r}: expected one of {", ".join(KNOWN_ARCHS)}')
 
 
-def resolve_config(**params) -> dict:
-    "Validate `params` (with preset and defaults applied) and return the full configuration; raises `ConfigError`."
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown: raise ConfigError(f'unknown parameter(s) {unknown}; known: {sorted(DEFAULTS)}')
+def unknown_names_error(unknown, known, what:str='parameter') -> ConfigError:
+    "One `ConfigError` listing unknown names, each with the closest known name."
+    import difflib
+    parts = []
+    for u in sorted(unknown):
+        near = [k for k in known if k.lower() == str(u).lower()] or difflib.get_close_matches(str(u), list(known), n=1, cutoff=0.6)
+        parts.append(f'{u!r}' + (f' (did you mean {near[0]!r}?)' if near else ''))
+    return ConfigError(f"unknown {what}{'s' if len(parts) > 1 else ''} {', '.join(parts)}; known: {', '.join(sorted(known))}")
+
+
+def apply_preset(params:dict) -> dict:
+    "Defaults, then the preset (and its Stage II recipe for AFA Stage II), then every explicit parameter: explicit values always win."
     preset = check('preset', params.get('preset'), str, choices=PRESETS, allow_none=True)
     cfg = dict(DEFAULTS)
-    if preset: cfg.update(PRESETS[preset])
-    cfg.update({k: v for k, v in params.items() if not (preset and k in PRESETS[preset] and v == DEFAULTS.get(k))})
-    c = cfg
+    if preset:
+        recipe = {k: v for k, v in PRESETS[preset].items() if k != 'afa_stage2'}
+        cfg.update(recipe)
+        merged = {**cfg, **params}
+        if 'afa_stage2' in PRESETS[preset] and merged.get('method') == 'afa' and merged.get('afa_stage') == 2:
+            cfg.update(PRESETS[preset]['afa_stage2'])
+    cfg.update(params)
+    return cfg
+
+
+def resolve_config(**params) -> dict:
+    "Validate `params` (with preset and defaults applied) and return the full configuration; raises `ConfigError`."
+    unknown = set(params) - set(DEFAULTS)
+    if unknown: raise unknown_names_error(unknown, DEFAULTS)
+    c = apply_preset(params)
+    for k, v in c.items():  # no NaN or infinity anywhere (a `-p lr inf` must not train)
+        if isinstance(v, float) and not math.isfinite(v): check(k, v, float)
     check('method', c['method'], str, choices=METHOD_NAMES)
     if c['method'] == 'lbgat':
         if c['objective'] not in (None, 'trades'):
@@ -199,7 +272,7 @@ def resolve_config(**params) -> dict:
     for k in ('f2at_tau', 'f2at_v'): check(k, c[k], float, lo=0, lo_open=True)
     check('f2at_margin', c['f2at_margin'], str, choices=['soft', 'hard'])
     check('f2at_ablation', c['f2at_ablation'], str, choices=[a for a in F2AT_ABLATIONS if a], allow_none=True)
-    check('f2at_source', c['f2at_source'], str, choices=['features', 'logits']); check('f2at_mode', c['f2at_mode'], str, choices=['frozen', 'online'])
+    check('f2at_source', c['f2at_source'], str, choices=['features', 'logits']); check('f2at_mode', c['f2at_mode'], str, choices=['frozen', 'online', 'target'])
     check('f2at_estimators', c['f2at_estimators'], str, allow_none=True); check('f2at_source_run', c['f2at_source_run'], str, allow_none=True)
     if c['f2at_estimators'] is not None and not Path(c['f2at_estimators']).is_file():
         raise ConfigError(f"f2at_estimators = {c['f2at_estimators']!r}: no such file")
@@ -207,6 +280,8 @@ def resolve_config(**params) -> dict:
         try: Run.load(c['f2at_source_run'])
         except FileNotFoundError: raise ConfigError(f"f2at_source_run = {c['f2at_source_run']!r}: no such run") from None
     check('f2at_source_epochs', c['f2at_source_epochs'], int, lo=1, allow_none=True)
+    check('f2at_nat_bn', c['f2at_nat_bn'], str, choices=['batch', 'update']); check('f2at_alpha_warmup', c['f2at_alpha_warmup'], int, lo=0)
+    check('f2at_est_lr', c['f2at_est_lr'], float, lo=0, lo_open=True)
     for k in ('f2at_est_epochs', 'f2at_units', 'f2at_est_batch'): check(k, c[k], int, lo=2)
     check('hiders', c['hiders'], bool); check('hider_n', c['hider_n'], int, lo=1)
     if c['hider_intervals'] is not None: c['hider_intervals'] = check_list('hider_intervals', c['hider_intervals'], int, lo=1, min_length=1)
@@ -214,8 +289,13 @@ def resolve_config(**params) -> dict:
     check('seed', c['seed'], int, lo=0); check('n_train', c['n_train'], int, lo=1, allow_none=True)
     check('suite', c['suite'], str, choices=SUITES); check('n_report', c['n_report'], int, lo=1, allow_none=True)
     check('best_after', c['best_after'], int, lo=0); check('patience', c['patience'], int, lo=1, allow_none=True)
-    check('device', c['device'], str); get_device(c['device'])
-    for k in ('channels_last', 'compile', 'resume', 'progress', 'report_best'): check(k, c[k], bool)
+    check('device', c['device'], str); device = get_device(c['device'])
+    for k in ('channels_last', 'progress', 'report_best', 'normalize', 'clip_start', 'code_forwards', 'probes', 'sync_bn'): check(k, c[k], bool)
+    if not isinstance(c['compile'], (bool, str)): raise ConfigError(f"compile = {c['compile']!r}: expected True, False or a torch.compile backend name")
+    if c['resume'] not in (True, False, 'auto'): raise ConfigError(f"resume = {c['resume']!r}: expected True (continue the run; it must exist), False or 'auto' (continue it if it exists)")
+    check('pad_mode', c['pad_mode'], str, choices=['constant', 'reflect']); check('nonfinite', c['nonfinite'], str, choices=['stop', 'skip'])
+    check('probe_n', c['probe_n'], int, lo=2); check('probe_every', c['probe_every'], int, lo=1)
+    _check_processes(c, device)
     check('amp', c['amp'], str, choices=['bf16', 'fp16'], allow_none=True)
     if c['amp'] and get_device(c['device']).type != 'cuda': raise ConfigError(f"amp = {c['amp']!r}: mixed precision needs device='cuda'")
     check('checkpoint_every', c['checkpoint_every'], int, lo=1, allow_none=True)
@@ -232,6 +312,11 @@ def resolve_config(**params) -> dict:
         except DataNotFoundError as e: raise ConfigError(f"dataset = {c['dataset']!r}: {e}") from None
         if split == 'train' and c['n_train'] is not None and c['n_train'] > n_avail:
             raise ConfigError(f"n_train = {c['n_train']}: the {c['dataset']} training set has {n_avail} images")
+        if split == 'train' and c['nproc'] > 1:
+            tail = (c['n_train'] or n_avail) % c['batch_size']
+            if 0 < tail < c['nproc']:
+                raise ConfigError(f"n_train = {c['n_train'] or n_avail}: the last batch would hold {tail} image(s), fewer than nproc = "
+                                  f"{c['nproc']} processes (choose n_train or batch_size so that it holds 0 or at least {c['nproc']})")
         if split == 'test':
             c['n_eval'] = min(c['n_eval'], n_avail)
             c['n_report'] = min(c['n_report'] or settings().eval_n, n_avail)
@@ -242,6 +327,7 @@ def build_model(cfg:dict, arch:str|None=None, stage1_state:dict|None=None) -> nn
     "The network named by the configuration (or `arch`), freshly initialised (AFA Stage II: on `stage1_state`)."
     arch = arch or cfg['arch']
     kw = dict(width=cfg['width']) if cfg.get('width') and arch == 'small_cnn' else {}
+    kw['normalize'] = cfg.get('normalize', True)
     if arch == cfg['arch'] and cfg.get('method') == 'oat': return oat_model(arch, cfg['dataset'], **kw)
     if arch == cfg['arch'] and cfg.get('method') == 'afa':
         backbone = create_model(arch, cfg['dataset'], norm_layer=partial(MultiBN, K=cfg['afa_K']), **kw)
@@ -255,11 +341,21 @@ def _attack_kw(cfg):
     return {k: cfg[k] for k in ('eps', 'alpha', 'steps') if cfg[k] is not None}
 
 
+def rice_code(cfg:dict) -> bool:
+    "Is this the Rice et al. code base (HFAT, AT-AWP, its PGD-AT) with `code_forwards`: train-mode attacks and `attack_pgd`'s forwards?"
+    return bool(cfg.get('code_forwards')) and cfg['objective'] == 'pgdat' and (
+        cfg['method'] == 'hfat' or (cfg['method'] in ('standard', 'awp') and cfg.get('bn_mode') == 'train'))
+
+
 def build_objective(cfg:dict, helper:nn.Module|None=None):
     "The objective of the configuration."
     name = cfg['objective']
     kw = dict(_attack_kw(cfg), bn_mode=cfg['bn_mode'])
     if name == 'clean': return make_objective('clean')
+    if name in ('trades', 'mart', 'help', 'mail'): kw['clip_start'] = cfg['clip_start']
+    if name == 'pgdat' and rice_code(cfg): kw['select_forward'] = True
+    if name == 'trades' and cfg['code_forwards']:  # TRADES code: clean, adv, clean; TRADES-AWP code: adv, clean, clean
+        kw['forwards'] = ('adv', 'clean', 'clean') if cfg['method'] == 'awp' else ('clean', 'adv', 'clean')
     if name in ('trades', 'mart') and cfg['beta'] is not None: kw['beta'] = cfg['beta']
     if name == 'help':
         kw.update(helper=helper, h=cfg['hat_h'], gamma=cfg['hat_gamma'], **({'beta': cfg['beta']} if cfg['beta'] is not None else {}))
@@ -275,36 +371,44 @@ def build_method(cfg:dict, helper:nn.Module|None=None, estimators:tuple|None=Non
     "The method (wrapping the objective) of the configuration."
     if cfg['method'] == 'lbgat':
         natural = build_model(cfg, cfg['natural_arch'] or cfg['arch'])
-        return LBGAT(natural, beta=cfg['beta'] or 0.0, **_attack_kw(cfg))
+        return LBGAT(natural, beta=cfg['beta'] or 0.0, clip_start=cfg['clip_start'], **_attack_kw(cfg))
     if cfg['method'] == 'afa':
         if cfg['afa_stage'] == 2:
             return AFAStage2(eps=cfg['eps'], clean_prob=cfg['afa_clean_prob'], steps=cfg['steps'] or 10, alpha=cfg['alpha'])
         return AFA(build_objective(cfg), K=cfg['afa_K'], xi=cfg['afa_xi'] or default_xi(cfg['afa_K'], cfg['eps']),
                    attack_steps=cfg['afa_attack_steps'])
     if cfg['method'] == 'f2at':
-        return F2AT(*estimators, K=cfg['f2at_K'], alpha=cfg['f2at_alpha'], gamma=cfg['f2at_gamma'], tau=cfg['f2at_tau'], v=cfg['f2at_v'],
+        est_nat, est_pert, pretrain = estimators
+        return F2AT(est_nat, est_pert, K=cfg['f2at_K'], alpha=cfg['f2at_alpha'], gamma=cfg['f2at_gamma'], tau=cfg['f2at_tau'], v=cfg['f2at_v'],
                     margin=cfg['f2at_margin'], ablation=cfg['f2at_ablation'], source=cfg['f2at_source'], mode=cfg['f2at_mode'],
+                    est_lr=cfg['f2at_est_lr'], nat_bn=cfg['f2at_nat_bn'], alpha_warmup=cfg['f2at_alpha_warmup'], pretrain=pretrain,
+                    pretrain_epoch=cfg['f2at_source_epochs'] or 1,
                     eps=cfg['eps'], alpha_attack=cfg['alpha'] or cfg['eps']/4, steps=cfg['steps'] or 10)
     if cfg['method'] == 'oat': return OAT(eps=cfg['eps'], steps=cfg['steps'] or 7, eval_lambda=cfg['oat_eval_lambda'])
     if cfg['method'] == 'dynat':
         guide = build_model(cfg, cfg['guide_arch'] or cfg['arch'])
         eps, alpha, steps = cfg['eps'], cfg['alpha'] or 0.007*cfg['eps']/0.031, cfg['steps'] or 10
-        obj = dynat_objective(cfg['objective'], eps, alpha, steps, label_smoothing=cfg['dynat_label_smoothing'],
+        obj = dynat_objective(cfg['objective'], eps, alpha, steps, cfg['clip_start'], label_smoothing=cfg['dynat_label_smoothing'],
                               begin_epoch=cfg['gairat_begin'], burn_in=cfg['mail_burn_in'])
+        # the code's repeated train-mode guide forwards: dynat.py one per attack step plus one, AWP_dynat.py two
+        passes = (steps + 1 if cfg['dynat_inner'] == 'dynamic' else 2) if cfg['code_forwards'] else 1
         return DYNAT(guide, obj, inner=cfg['dynat_inner'], lam=cfg['dynat_lambda'], beta=cfg['beta'] or 0.0,
                      awp_gamma=(cfg['awp_gamma'] or 0.005) if cfg['dynat_awp'] else None, awp_warmup=cfg['awp_warmup'],
-                     guide_train_mode=cfg['dynat_guide_mode'] == 'train', eps=eps, alpha=alpha, steps=steps)
+                     guide_train_mode=cfg['dynat_guide_mode'] == 'train', guide_bn_updates=passes, eps=eps, alpha=alpha,
+                     steps=steps, clip_start=cfg['clip_start'])
     obj = build_objective(cfg, helper)
-    if cfg['method'] == 'awp': return AWP(obj, gamma=cfg['awp_gamma'], warmup=cfg['awp_warmup'])
+    rice = dict(eval_first_batch=True, clean_forward_after_step=cfg['method'] != 'hfat') if rice_code(cfg) else {}
+    if cfg['method'] == 'awp': return AWP(obj, gamma=cfg['awp_gamma'], warmup=cfg['awp_warmup'], **rice)
     if cfg['method'] == 'hfat':
         lam = cfg['hfat_lambda_a']
         awp_gamma = (cfg['awp_gamma'] or (0.01 if cfg['objective'] == 'pgdat' else 0.005)) if cfg['hfat_awp'] else None
         return HFAT(obj, eps_s=cfg['hfat_eps_s'], alpha_s=cfg['hfat_alpha_s'], steps_s=cfg['hfat_steps_s'],
                     r_mean=cfg['hfat_r_mean'], r_std=cfg['hfat_r_std'], noise_std=cfg['hfat_noise'], lt=cfg['hfat_lt'],
                     gamma=cfg['hfat_gamma'], weighting=cfg['hfat_weighting'], beta_r=cfg['hfat_beta_r'], beta_u=cfg['hfat_beta_u'],
-                    static_weights=(1/(1 + lam), lam/(1 + lam)) if lam is not None else (0.1, 0.9), awp_gamma=awp_gamma)
+                    static_weights=(1/(1 + lam), lam/(1 + lam)) if lam is not None else (0.1, 0.9), awp_gamma=awp_gamma,
+                    eval_first_batch=bool(rice))
     if cfg['method'] == 'seat': return SEAT(obj, decay=cfg['seat_decay'])
-    return Standard(obj)
+    return Standard(obj, **rice)
 
 # %% ../nbs/08_train.ipynb #42f7af22
 @dataclass
@@ -356,9 +460,10 @@ def run_or_tiny(name:str|None, # the run to draw
     "The named run if it exists; otherwise a tiny stand-in, trained on first use and reused after."
     if not tiny_name.startswith('tiny-'): raise ConfigError(f"tiny_name = {tiny_name!r}: stand-ins are named 'tiny-...'")
     for candidate in ([name] if name else []) + [tiny_name]:
-        try: return Run.load(candidate)
-        except FileNotFoundError: pass
-    return train(run_name=tiny_name, **tiny_params)
+        try: run = Run.load(candidate)
+        except FileNotFoundError: continue
+        if run.report is not None: return run  # finished; an interrupted stand-in is continued below
+    return train(run_name=tiny_name, resume='auto', **tiny_params)
 
 
 def scale_note(*runs:Run) -> str:
@@ -375,9 +480,10 @@ def _helper_model(cfg, runs_dir, progress):
         p = Path(cfg['helper'])
         return Run.load(p).model() if p.is_dir() else _model_from_checkpoint(cfg, p)
     sub = dict({k: cfg[k] for k in ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'nesterov',
-                                    'schedule', 'milestones', 'lr_factors', 'seed', 'n_train', 'n_eval', 'device', 'channels_last')},
+                                    'schedule', 'milestones', 'lr_factors', 'seed', 'n_train', 'n_eval', 'device', 'channels_last',
+                                    'normalize', 'pad_mode', 'nproc', 'sync_bn', 'backend')},
                method='standard', objective='clean', epochs=cfg['helper_epochs'] or cfg['epochs'], suite='monitor',
-               n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.helper", runs_dir=runs_dir, resume=True, progress=progress)
+               n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.helper", runs_dir=runs_dir, resume='auto', progress=progress)
     return train(**sub).net
 
 
@@ -389,27 +495,36 @@ def _model_from_checkpoint(cfg, path):
 
 
 def _f2at_estimators(cfg, run_dir, device):
-    "F²AT's MI estimators: resumed, given, or pre-trained here on a PGD-AT source model (trained first when none is named)."
+    "F²AT's MI estimators and pre-training function: given, pre-trained here (rank 0) on a PGD-AT source model, or (mode 'target') later on the target."
+    x, y = load_arrays(cfg['dataset'], 'train')
+    if cfg['n_train'] is not None: x, y = x[:cfg['n_train']], y[:cfg['n_train']]
+    def pretrain(model, dry=False):
+        en, ep, hist = pretrain_estimators(model, x, y, K=cfg['f2at_K'], eps=cfg['eps'], steps=cfg['steps'] or 10, units=cfg['f2at_units'],
+                                           source=cfg['f2at_source'], epochs=0 if dry else cfg['f2at_est_epochs'],
+                                           batch_size=cfg['f2at_est_batch'], seed=cfg['seed'], progress=cfg['progress'] and distributed.is_main())
+        return en, ep
+    if cfg['f2at_mode'] == 'target' and cfg['f2at_estimators'] is None: return None, None, pretrain
     path = run_dir/'estimators.pt'
     if cfg['f2at_estimators'] is not None: path = Path(cfg['f2at_estimators'])
     elif not path.exists():
         if cfg['f2at_source_run'] is not None: src = Run.load(cfg['f2at_source_run'])
         else:
             keys = ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'schedule', 'milestones', 'lr_factors',
-                    'eps', 'alpha', 'steps', 'seed', 'n_train', 'n_eval', 'device', 'channels_last', 'progress')
+                    'eps', 'alpha', 'steps', 'seed', 'n_train', 'n_eval', 'device', 'channels_last', 'progress', 'normalize',
+                    'pad_mode', 'nproc', 'sync_bn', 'backend')
             src = train(**{k: cfg[k] for k in keys}, method='standard', objective='pgdat', epochs=cfg['f2at_source_epochs'] or cfg['epochs'],
-                        suite='monitor', n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.source", runs_dir=cfg['runs_dir'], resume=True)
-        x, y = load_arrays(cfg['dataset'], 'train')
-        if cfg['n_train'] is not None: x, y = x[:cfg['n_train']], y[:cfg['n_train']]
-        en, ep, hist = pretrain_estimators(src.model(device=device), x, y, K=cfg['f2at_K'], eps=cfg['eps'], steps=cfg['steps'] or 10,
-                                           units=cfg['f2at_units'], source=cfg['f2at_source'], epochs=cfg['f2at_est_epochs'],
-                                           batch_size=cfg['f2at_est_batch'], seed=cfg['seed'], progress=cfg['progress'])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=cfg['f2at_K'], source=cfg['f2at_source'])
+                        suite='monitor', n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.source", runs_dir=cfg['runs_dir'], resume='auto')
+        if distributed.is_main():
+            en, ep, hist = pretrain_estimators(src.model(device=device), x, y, K=cfg['f2at_K'], eps=cfg['eps'], steps=cfg['steps'] or 10,
+                                               units=cfg['f2at_units'], source=cfg['f2at_source'], epochs=cfg['f2at_est_epochs'],
+                                               batch_size=cfg['f2at_est_batch'], seed=cfg['seed'], progress=cfg['progress'])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=cfg['f2at_K'], source=cfg['f2at_source'])
+        distributed.barrier()
     en, ep, meta = load_estimators(path)
     if meta.get('K') not in (None, cfg['f2at_K']) or meta.get('source') not in (None, cfg['f2at_source']):
         raise ConfigError(f"f2at_estimators: trained for K = {meta.get('K')} on {meta.get('source')!r}, not K = {cfg['f2at_K']} on {cfg['f2at_source']!r}")
-    return en, ep
+    return en, ep, pretrain
 
 
 @dataclass
@@ -417,37 +532,31 @@ class TrainResult(Run):
     "A finished run with its trained (evaluation) model in memory as `net` (`model()` reloads it from the checkpoint)."
     net: nn.Module|None = None
 
+# %% ../nbs/08_train.ipynb #ffe4a215
+def stored_config(cfg:dict) -> dict:
+    "What `config.json` records: everything but how this call was made (resume, progress)."
+    return {k: v for k, v in cfg.items() if k not in ('resume', 'progress')}
 
-def train(**params) -> TrainResult:
-    "Validate the parameters, train, evaluate, and leave everything in `runs/<run_name>/` (see `DEFAULTS` and `PRESETS`)."
-    cfg = resolve_config(**params)
+
+def run_state(cfg:dict) -> tuple[Path, Path|None]:
+    "(run folder, checkpoint to resume from or None), after checking the folder against `resume`; writes nothing."
     run_dir = Path(cfg['runs_dir'])/cfg['run_name']
     last = run_dir/'checkpoints'/'last.pt'
+    if cfg['resume'] is True and not last.exists():
+        where = f'{run_dir} exists but holds no checkpoint yet' if run_dir.exists() else f'there is no run folder {run_dir}'
+        raise ConfigError(f"resume = True: nothing to resume ({where}; looked for {last}). Use resume='auto' to continue a run "
+                          'when it exists and start it otherwise.')
     if run_dir.exists() and not cfg['resume']:
-        raise ConfigError(f"run_name = {cfg['run_name']!r}: {run_dir} exists; pass resume=True to continue it or choose another name")
-    stored = {k: v for k, v in cfg.items() if k not in ('resume', 'progress')}
+        raise ConfigError(f"run_name = {cfg['run_name']!r}: {run_dir} exists; pass resume=True (or 'auto') to continue it, or choose another name")
     if cfg['resume'] and (run_dir/'config.json').exists():
-        old = json.loads((run_dir/'config.json').read_text())
-        diff = sorted(k for k in set(old) | set(stored) if old.get(k) != stored.get(k))
+        old, new = ({k: v for k, v in c.items() if k not in RUN_ONLY_KEYS} for c in (json.loads((run_dir/'config.json').read_text()), cfg))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff: raise ConfigError(f"resume: {run_dir} was created with different settings ({', '.join(diff)})")
-    seed_everything(cfg['seed'])
-    device = get_device(cfg['device'])
-    if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 and cfg['afa_from'] is None:
-        raise ConfigError("afa_from = None: AFA Stage II needs the Stage I run (afa_from='<run name or folder>')")
-    # models the method needs first (HELP's helper, F²AT's estimators) may train runs of their own
-    helper = _helper_model(cfg, cfg['runs_dir'], cfg['progress']).to(device) if cfg['objective'] == 'help' else None
-    estimators = _f2at_estimators(cfg, run_dir, device) if cfg['method'] == 'f2at' else None
-    seed_everything(cfg['seed'])
-    stage1 = Run.load(cfg['afa_from']).checkpoint('last')['model'] if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 else None
-    model = build_model(cfg, stage1_state=stage1)
-    method = build_method(cfg, helper, estimators)
-    x, y = load_arrays(cfg['dataset'], 'train')
-    xt, yt = load_arrays(cfg['dataset'], 'test')
-    loader = Loader(x, y, batch_size=cfg['batch_size'], shuffle=True, augment=default_augment(cfg['dataset']), seed=cfg['seed'],
-                    n=cfg['n_train'], device=device, channels_last=cfg['channels_last'])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run_dir/'config.json', 'w') as f: json.dump(stored, f, indent=1)
-    if os.environ.get(RUN_DIR_FILE_ENV): Path(os.environ[RUN_DIR_FILE_ENV]).write_text(str(run_dir.resolve()))
+    return run_dir, (last if cfg['resume'] and last.exists() else None)
+
+
+def _callbacks(cfg, run_dir, x, y, xt, yt) -> list:
+    "The callbacks of a training run: monitoring, metrics, step logs, checkpoints, progress, hider ratios, accuracies, probes."
     cbs = [EvalCB(xt.float()/255, yt, n=cfg['n_eval'], eps=cfg['eps'], every=cfg['eval_every']),
            MetricsCB(run_dir/'metrics.jsonl'), StepLogCB(run_dir/'steps.jsonl'),
            CheckpointCB(run_dir/'checkpoints', every=cfg['checkpoint_every'], best_after=cfg['best_after'], patience=cfg['patience'],
@@ -462,26 +571,227 @@ def train(**params) -> TrainResult:
     if cfg['method'] in ('dynat', 'lbgat'):
         name = 'guide' if cfg['method'] == 'dynat' else 'natural'
         cbs.append(AccuracyCB({name: lambda l: l.extra[name]}, {'train': (x, y), 'test': (xt, yt)}, n=cfg['n_eval']))
-    schedule = Schedule(cfg['schedule'], cfg['lr'], cfg['epochs'], cfg['milestones'], cfg['lr_factors'])
-    learn = Learner(model, method, loader, cfg['epochs'], cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['nesterov'],
-                    schedule, cbs, device, cfg['channels_last'], cfg['amp'], cfg['compile'], config=stored)
-    learn.fit(resume_from=last if cfg['resume'] and last.exists() else None)
-    result = learn.eval_model().eval()
-    report = evaluate(result, xt, yt, cfg['suite'], n=cfg['n_report'], eps=cfg['eps'], seed=cfg['seed'],
-                      meta=dict(run=cfg['run_name'], arch=cfg['arch'], dataset=cfg['dataset'], method=cfg['method'],
-                                objective=cfg['objective'], epochs=cfg['epochs'], train_images=len(loader.x),
-                                checkpoint='last'))
+    return cbs
+
+
+def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device, stored) -> Report:
+    "The end-of-run `evaluate` of the result model (and of the best checkpoint), saved by rank 0; says why a run ended early."
+    meta = dict(run=cfg['run_name'], arch=cfg['arch'], dataset=cfg['dataset'], method=cfg['method'], objective=cfg['objective'],
+                epochs=cfg['epochs'], train_images=n_train, checkpoint='last', recipe=cfg['preset'], nproc=cfg['nproc'])
+    if learn.stopped: meta['ended_early'] = learn.stopped
+    if learn.failure: meta['ended_early'] = f"training diverged at epoch {learn.failure['epoch'] + 1}, step {learn.failure['step']}: {learn.failure['reason']}; the last good weights are evaluated (monitor suite)"
+    skipped = sum(r.get('skipped_steps', 0) for r in learn.history)
+    if skipped: meta['skipped_nonfinite_steps'] = skipped
+    suite = 'monitor' if learn.failure else cfg['suite']
+    report = evaluate(learn.eval_model().eval(), xt, yt, suite, n=cfg['n_report'], eps=cfg['eps'], seed=cfg['seed'], meta=meta)
     last_rec = learn.history[-1] if learn.history else {}
     report.metrics.update({f'hider_ratio_{k}': last_rec[f'hider_{k}_d1'] for k in ('adv', 'nat') if f'hider_{k}_d1' in last_rec})
-    report.save(run_dir/'report.json')
-    if cfg['report_best'] and (run_dir/'checkpoints'/'best.pt').exists():
+    report.metrics.update({k: v for k, v in last_rec.items() if k.startswith('probe_') and isinstance(v, (int, float))})
+    report.flags += mechanism_flags(last_rec)
+    if distributed.is_main(): report.save(run_dir/'report.json')
+    if cfg['report_best'] and not learn.failure and (run_dir/'checkpoints'/'best.pt').exists():
         best = Run(run_dir, stored).model('best', device)
         ck = load_checkpoint(run_dir/'checkpoints'/'best.pt')
-        evaluate(best, xt, yt, cfg['suite'], n=cfg['n_report'], eps=cfg['eps'], seed=cfg['seed'],
-                 meta=dict(report.meta, checkpoint='best', best_epoch=ck['epoch'] - 1)).save(run_dir/'report_best.json')
-    return TrainResult(run_dir, stored, list(learn.history), report, result)
+        rb = evaluate(best, xt, yt, cfg['suite'], n=cfg['n_report'], eps=cfg['eps'], seed=cfg['seed'],
+                      meta=dict(report.meta, checkpoint='best', best_epoch=ck['epoch'] - 1))
+        if distributed.is_main(): rb.save(run_dir/'report_best.json')
+    return report
+
+# %% ../nbs/08_train.ipynb #b27e702c
+def method_probes(cfg:dict, xt:torch.Tensor, yt:torch.Tensor) -> list:
+    "The mechanism probes of the configured method, as callbacks (AFA Stage II, F²AT), when `probes` is on."
+    if not cfg['probes']: return []
+    n = min(cfg['probe_n'], len(xt))
+    if cfg['method'] == 'afa' and cfg['afa_stage'] == 2:
+        return [AFAProbeCB(xt[:n], yt[:n], eps_max=cfg['eps'], steps=cfg['steps'] or 10, every=cfg['probe_every'], seed=cfg['seed'])]
+    if cfg['method'] == 'f2at': return [F2ATProbeCB(xt[:n], yt[:n], every=cfg['probe_every'], seed=cfg['seed'])]
+    return []
+
+# %% ../nbs/08_train.ipynb #a80cea8a
+def _train_here(cfg:dict) -> TrainResult:
+    "Train in this process: alone, or as one process of a group (torchrun, or the workers `train(nproc=N)` starts)."
+    if distributed.launched(): distributed.join_group(cfg['backend'])
+    device = distributed.local_device(get_device(cfg['device']))
+    status = None
+    if distributed.is_main():  # rank 0 checks the folder; every process learns the outcome
+        try: status = tuple(str(p) if p else None for p in run_state(cfg)) + (None,)
+        except ConfigError as e: status = (None, None, str(e))
+    run_dir, resume_from, error = distributed.gather_objects(status)[0]
+    if error: raise ConfigError(error)
+    run_dir, stored = Path(run_dir), stored_config(cfg)
+    seed_everything(cfg['seed'])
+    # models the method needs first (HELP's helper, F²AT's estimators) may train runs of their own
+    helper = _helper_model(cfg, cfg['runs_dir'], cfg['progress']).to(device) if cfg['objective'] == 'help' else None
+    estimators = _f2at_estimators(cfg, run_dir, device) if cfg['method'] == 'f2at' else None
+    seed_everything(cfg['seed'])
+    stage1 = Run.load(cfg['afa_from']).checkpoint('last')['model'] if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 else None
+    model = build_model(cfg, stage1_state=stage1)
+    method = build_method(cfg, helper, estimators)
+    x, y = load_arrays(cfg['dataset'], 'train')
+    xt, yt = load_arrays(cfg['dataset'], 'test')
+    loader = Loader(x, y, batch_size=cfg['batch_size'], shuffle=True, augment=default_augment(cfg['dataset'], cfg['pad_mode']),
+                    seed=cfg['seed'], n=cfg['n_train'], device=device, channels_last=cfg['channels_last'],
+                    rank=distributed.rank(), world_size=distributed.world_size())
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run_dir/'config.json', 'w') as f: json.dump(stored, f, indent=1)
+        if os.environ.get(RUN_DIR_FILE_ENV): Path(os.environ[RUN_DIR_FILE_ENV]).write_text(str(run_dir.resolve()))
+    distributed.barrier()
+    cbs = _callbacks(cfg, run_dir, x, y, xt, yt) + method_probes(cfg, xt, yt)
+    schedule = Schedule(cfg['schedule'], cfg['lr'], cfg['epochs'], cfg['milestones'], cfg['lr_factors'],
+                        steps_per_epoch=len(loader.x)//cfg['batch_size'] + 1 if cfg['schedule'] == 'onecycle' else None)
+    learn = Learner(model, method, loader, cfg['epochs'], cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['nesterov'],
+                    schedule, cbs, device, cfg['channels_last'], cfg['amp'], cfg['compile'], config=stored,
+                    nonfinite=cfg['nonfinite'], sync_bn=cfg['sync_bn'])
+    try: learn.fit(resume_from=resume_from)
+    except TrainingDiverged:
+        _final_reports(cfg, learn, run_dir, xt, yt, len(x) if cfg['n_train'] is None else cfg['n_train'], device, stored)
+        raise
+    report = _final_reports(cfg, learn, run_dir, xt, yt, len(loader.x), device, stored)
+    return TrainResult(run_dir, stored, list(learn.history), report, learn.eval_model().eval())
+
+
+def worker_train(cfg:dict) -> str|None:
+    "The entry point of every process `train(nproc=N)` starts: train as one rank; rank 0 returns the run folder."
+    run = train(**cfg)
+    return str(run.dir) if distributed.is_main() else None
+
+
+def train(**params) -> TrainResult:
+    "Validate the parameters, train, evaluate, and leave everything in `runs/<run_name>/` (see `DEFAULTS` and `PRESETS`)."
+    cfg = resolve_config(**params)
+    if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 and cfg['afa_from'] is None:
+        raise ConfigError("afa_from = None: AFA Stage II needs the Stage I run (afa_from='<run name or folder>')")
+    if cfg['nproc'] == 1 or distributed.launched(): return _train_here(cfg)
+    run_state(cfg)  # every check before any process starts: a bad folder or resume leaves nothing behind
+    run_dir = Path(distributed.launch(worker_train, (cfg,), nproc=cfg['nproc']))
+    run = Run.load(run_dir)
+    return TrainResult(run.dir, run.config, run.metrics, run.report, run.model(device=get_device(cfg['device'])))
+
+# %% ../nbs/08_train.ipynb #6dd18582
+_COMMON = dict(seed=0, device='cpu', nproc=1, sync_bn=False, amp=None, compile=False, nonfinite='stop', checkpoint_every=None,
+               run_name=None, runs_dir=None, resume=False, preset=None, progress=True)
+# every pipeline's parameters and tiny defaults (its `parameters` cell shows the same; tests/test_project.py checks they agree)
+PIPELINES = {
+    'train': dict(method='standard', objective=None, dataset='digits', arch='small_cnn', width=None, epochs=3, batch_size=128,
+                  lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False, schedule='piecewise', milestones=None, lr_factors=None,
+                  eps=None, alpha=None, steps=None, bn_mode=None, beta=None, awp_gamma=None, awp_warmup=None, seat_decay=0.999,
+                  natural_arch=None, helper=None, helper_epochs=None, hat_h=2.0, hat_gamma=0.5, gairat_lambda=-1.0, gairat_begin=None,
+                  mail_form='at', mail_bias=None, mail_slope=None, mail_burn_in=None, iat_alpha=1.0, normalize=True,
+                  pad_mode='constant', clip_start=True, code_forwards=False, n_train=None, n_eval=200, eval_every=1,
+                  suite='monitor', n_report=None, report_best=False, best_after=0, patience=None, channels_last=True, **_COMMON),
+    'train_hfat': dict(base='pgdat', awp=False, weighting='code', lambda_a=None, beta_r=0.0, beta_u=1.0, steps_s=7, eps_s=7/255,
+                       alpha_s=7/255, r_mean=0.4, r_std=0.001, noise=0.01/255, lt=1.5, gamma=0.01, tracker=True, hider_n=200,
+                       keep_epochs=None, dataset='digits', arch='small_cnn', epochs=3, batch_size=128, lr=0.1, schedule='piecewise',
+                       eps=None, alpha=None, steps=None, beta=None, n_train=None, n_eval=200, suite='monitor', n_report=None, **_COMMON),
+    'train_dynat': dict(variant='DYNAT', recipe='code', arch='small_cnn', guide_arch=None, inner=None, lam=None, beta=None, awp=None,
+                        guide_mode='train', label_smoothing=0.2, dataset='digits', epochs=3, batch_size=128, lr=0.1, schedule='lbgat',
+                        weight_decay=2e-4, eps=None, alpha=None, steps=None, n_train=None, n_eval=200, suite='monitor',
+                        n_report=None, **_COMMON),
+    'train_afa': dict(K=5, xi=None, base='pgdat', placement='stem', stage1_epochs=2, stage1_lr=0.1, stage2_epochs=1, stage2_lr=0.01,
+                      clean_prob=0.2, attack_steps=7, dataset='digits', arch='small_cnn', width=None, batch_size=128, weight_decay=5e-4,
+                      schedule='multistep', eps=None, n_train=None, n_eval=200, suite='afa', n_report=None, probe_n=256, **_COMMON),
+    'train_f2at': dict(K=2, alpha_pd=0.1, gamma=1.0, tau=0.07, v=0.995, margin='soft', ablation=None, source='features',
+                       mode='frozen', nat_bn='batch', alpha_warmup=0, estimators=None, source_run=None, source_epochs=None,
+                       est_epochs=3, units=128, dataset='digits', arch='small_cnn', epochs=3, batch_size=128, lr=0.1,
+                       schedule='multistep', weight_decay=2e-4, eps=None, alpha=None, steps=None, n_train=None, n_eval=200,
+                       suite='monitor', n_report=None, probe_n=256, **_COMMON),
+}
+# pipeline parameter -> train() parameter, where the pipeline uses a shorter name
+PIPELINE_NAMES = {
+    'train_hfat': dict(base='objective', awp='hfat_awp', weighting='hfat_weighting', lambda_a='hfat_lambda_a', beta_r='hfat_beta_r',
+                       beta_u='hfat_beta_u', steps_s='hfat_steps_s', eps_s='hfat_eps_s', alpha_s='hfat_alpha_s', r_mean='hfat_r_mean',
+                       r_std='hfat_r_std', noise='hfat_noise', lt='hfat_lt', gamma='hfat_gamma', tracker='hiders'),
+    'train_dynat': dict(inner='dynat_inner', lam='dynat_lambda', awp='dynat_awp', guide_mode='dynat_guide_mode',
+                        label_smoothing='dynat_label_smoothing'),
+    'train_afa': dict(K='afa_K', xi='afa_xi', base='objective', placement='afa_placement', clean_prob='afa_clean_prob',
+                      attack_steps='afa_attack_steps'),
+    'train_f2at': dict(K='f2at_K', alpha_pd='f2at_alpha', gamma='f2at_gamma', tau='f2at_tau', v='f2at_v', margin='f2at_margin',
+                       ablation='f2at_ablation', source='f2at_source', mode='f2at_mode', nat_bn='f2at_nat_bn',
+                       alpha_warmup='f2at_alpha_warmup', estimators='f2at_estimators', source_run='f2at_source_run',
+                       source_epochs='f2at_source_epochs', est_epochs='f2at_est_epochs', units='f2at_units'),
+}
+
+
+def _assigned_names(source:str) -> list[str]:
+    "Names assigned at the top level of a cell's source."
+    import ast
+    try: tree = ast.parse(source)
+    except SyntaxError: return []
+    return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
+
+
+def pipeline_values(name:str, # a key of PIPELINES
+                    ns:dict, # the notebook's globals()
+                   ) -> tuple[dict, set]:
+    "The pipeline's parameter values and the names set explicitly: papermill's injected `-p`s, else values changed from the defaults."
+    defaults = PIPELINES[check('pipeline', name, str, choices=PIPELINES)]
+    accepted = set(defaults) | (set(DEFAULTS) if name == 'train' else set())  # train.ipynb takes every train() parameter
+    injected = [s for s in ns.get('_ih', []) if s.lstrip().startswith('# Parameters')]  # papermill's injected cell
+    if injected:
+        explicit = set(_assigned_names(injected[-1]))
+        unknown = explicit - accepted
+        if unknown: raise unknown_names_error(unknown, accepted, f'parameter of {name}.ipynb')
+    else: explicit = {k for k, v in defaults.items() if k in ns and ns[k] != v}
+    values = {k: ns.get(k, defaults.get(k, DEFAULTS.get(k))) for k in accepted if k in ns or k in defaults}
+    return values, explicit
+
+
+def _preset_keys(preset, stage2:bool) -> set:
+    if not isinstance(preset, str) or preset not in PRESETS: return set()
+    p = PRESETS[preset]
+    return set(p) | (set(p.get('afa_stage2', {})) if stage2 else set())
+
+
+@contextlib.contextmanager
+def speaking(aliases:dict):
+    "Re-raise a `ConfigError` about a train() parameter under the pipeline's own name for it (`afa_K` → `K`)."
+    try: yield
+    except ConfigError as e:
+        msg = str(e)
+        for internal, mine in sorted(aliases.items(), key=lambda kv: -len(kv[0])):
+            msg = re.sub(rf'(?<![\w.]){re.escape(internal)}(?![\w])', mine, msg)
+        if msg == str(e): raise
+        raise ConfigError(msg) from None
+
+
+def pipeline_params(name:str, values:dict, explicit:set, fixed:dict|None=None, stage2:bool=False) -> dict:
+    "train() parameters: explicit values, then (where the preset is silent) the pipeline's tiny defaults, then `fixed`."
+    to_train = PIPELINE_NAMES.get(name, {})
+    preset_keys = _preset_keys(values.get('preset'), stage2)
+    out = {}
+    for k, v in values.items():
+        tk = to_train.get(k, k)
+        if tk not in DEFAULTS: continue  # pipeline-only settings (a stage's epochs) are the pipeline's business
+        if k in explicit or tk not in preset_keys: out[tk] = v
+    out.update(fixed or {})
+    if os.environ.get('IN_TEST') and out.get('runs_dir') is None:
+        import tempfile
+        out['runs_dir'] = tempfile.mkdtemp(prefix='rblab-test-')  # nbdev-test: never write into runs/
+    return out
+
+
+def run_pipeline_notebook(name:str, # the pipeline: train, train_hfat, train_dynat, train_f2at (train_afa has two stages)
+                          ns:dict, # the notebook's globals()
+                          fixed:dict|None=None, # train() parameters the pipeline always sets (its method)
+                         ) -> TrainResult:
+    "What a one-run pipeline notebook does: read its parameters, refuse unknown ones, train, speaking the pipeline's names."
+    values, explicit = pipeline_values(name, ns)
+    aliases = {v: k for k, v in PIPELINE_NAMES.get(name, {}).items()}
+    with speaking(aliases): return train(**pipeline_params(name, values, explicit, fixed))
 
 # %% ../nbs/08_train.ipynb #0242a7ff
+def _kernel_manager_class():
+    "A kernel manager talking to its kernel over IPC sockets on POSIX (ipykernel warns that plain TCP is unencrypted)."
+    from jupyter_client.manager import AsyncKernelManager
+    if os.name != 'posix': return AsyncKernelManager
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = 'ipc'
+    return IPCKernelManager
+
+
 def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
                  parameters:dict|None=None, # papermill parameters
                  cwd:str|Path|None=None, # the kernel's working directory (default: the notebook's folder)
@@ -497,7 +807,7 @@ def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
         os.environ[RUN_DIR_FILE_ENV] = str(marker)
         try:
             pm.execute_notebook(str(notebook), str(out), parameters=parameters or {}, cwd=str(cwd or notebook.parent),
-                                progress_bar=False, log_output=False)
+                                progress_bar=False, log_output=False, kernel_manager_class=_kernel_manager_class())
         except Exception:
             if marker.exists() and out.exists(): shutil.copyfile(out, Path(marker.read_text())/f'{notebook.stem}.failed.ipynb')
             raise
@@ -508,6 +818,15 @@ def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
         run_dir = Path(marker.read_text())
         with atomic_write(run_dir/notebook.name, 'wb') as f: f.write(out.read_bytes())
     return run_dir
+
+
+def notebook_parameters(notebook:str|Path) -> set:
+    "The parameters a pipeline notebook accepts: its `PIPELINES` entry (train.ipynb: every train() parameter), else its `parameters` cell."
+    notebook = Path(notebook)
+    if not notebook.is_file(): raise ConfigError(f'notebook = {str(notebook)!r}: no such notebook')
+    if notebook.stem in PIPELINES: return set(PIPELINES[notebook.stem]) | (set(DEFAULTS) if notebook.stem == 'train' else set())
+    import papermill as pm
+    return set(pm.inspect_notebook(str(notebook)))
 
 
 def _parse_value(text:str):
@@ -527,6 +846,13 @@ def main(argv:list|None=None) -> int:
     ap.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
     args = ap.parse_args(argv)
     params = {k: _parse_value(v) for k, v in args.parameter}
+    try:
+        accepted = notebook_parameters(args.notebook)
+        unknown = set(params) - accepted
+        if unknown: raise unknown_names_error(unknown, accepted, f'parameter of {Path(args.notebook).name}')
+    except ConfigError as e:  # refused before a kernel starts
+        print(f'rblab-run: {e}', file=sys.stderr)
+        return 1
     try: run_dir = run_pipeline(args.notebook, params, cwd=Path.cwd())
     except Exception as e:
         msg = str(e)
@@ -535,3 +861,26 @@ def main(argv:list|None=None) -> int:
         return 1
     print(run_dir)
     return 0
+
+
+def cli_train(argv:list|None=None) -> int:
+    "`python -m robustbench_lab.train CONFIG.json` or `... --name value ...`: one `train()`, as every process of torchrun runs it."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith('.json'):
+        params = json.loads(Path(argv[0]).read_text())
+        params = {k: v for k, v in params.items() if k in DEFAULTS}  # a run's config.json works as well
+    else:
+        if len(argv) % 2 or any(not a.startswith('--') for a in argv[::2]):
+            print('usage: python -m robustbench_lab.train CONFIG.json | --name value [--name value ...]', file=sys.stderr)
+            return 2
+        params = {a[2:].replace('-', '_'): _parse_value(v) for a, v in zip(argv[::2], argv[1::2])}
+    try: run = train(**params)
+    except ConfigError as e:
+        print(f'robustbench_lab.train: {e}', file=sys.stderr)
+        return 1
+    if distributed.is_main(): print(run.dir)
+    return 0
+
+
+if __name__ == '__main__' and 'IPython' not in sys.modules:  # torchrun ... -m robustbench_lab.train CONFIG.json
+    sys.exit(cli_train())
