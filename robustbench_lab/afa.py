@@ -5,6 +5,7 @@
 # %% ../nbs/12_afa.ipynb #63170e4e
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 
@@ -13,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import Attack, IterativeAttack, PGD, attack_mode
-from .core import ConfigError, check, check_list
+from . import distributed
+from .core import ConfigError, check, check_list, random_subset, sample_rand, sample_rows, shared_generator
 from .methods import Method
 from .models import MultiBN, bn_branch, multibn_layers, set_bn_route
 from .objectives import IAT, Objective, PGDAT, mixup_ce
@@ -129,10 +131,10 @@ class FusedBN(nn.Module):
     "Reading B: a dual BN with its own weight generator fed by the layer's input."
     def __init__(self, mbn:MultiBN, wg:WeightGenerator):
         super().__init__()
-        self.mbn, self.wg, self.last_w0 = mbn, wg, None
+        self.mbn, self.wg, self.last_w0, self.forced = mbn, wg, None, None
 
     def forward(self, x):
-        w = self.wg(x)
+        w = self.wg(x) if self.forced is None else torch.full((len(x),), self.forced, device=x.device, dtype=x.dtype)
         self.last_w0 = w
         wv = w.view(-1, 1, 1, 1)
         return wv*self.mbn.bns[0](x) + (1 - wv)*self.mbn.bns[1](x)
@@ -166,7 +168,7 @@ class AFAModel(nn.Module):
         self.backbone = backbone
         for l in multibn_layers(backbone):
             if l.K != 2: _replace(backbone, l, _keep_two(l))
-        self.last_w0 = None
+        self.last_w0, self.forced = None, None
         if placement == 'stem':
             stem = _first_conv(backbone)
             self.wg = WeightGenerator(stem.out_channels, wg_width)
@@ -180,9 +182,23 @@ class AFAModel(nn.Module):
         self.freeze_backbone()
 
     def _stem_hook(self, module, inputs, out):
-        w = self.wg(out)
+        w = self.wg(out) if self.forced is None else torch.full((len(out),), self.forced, device=out.device, dtype=out.dtype)
         self.last_w0 = w
         for l in multibn_layers(self.backbone): l.set_mix(w, 0, 1)
+
+    @contextlib.contextmanager
+    def fixed_branch(self, k:int):
+        "Inside the block every fused BN uses one kept branch only (0: the clean BN_0, 1: the strongest BN_{K−1}), whatever the WG says."
+        check('branch', k, int, choices=[0, 1])
+        saved = self.forced
+        self.forced = 1.0 if k == 0 else 0.0
+        for m in self.backbone.modules():
+            if isinstance(m, FusedBN): m.forced = self.forced
+        try: yield self
+        finally:
+            self.forced = saved
+            for m in self.backbone.modules():
+                if isinstance(m, FusedBN): m.forced = saved
 
     def freeze_backbone(self):
         "Backbone weights frozen and BN statistics fixed (eval mode); only the WGs train."
@@ -237,8 +253,8 @@ class AFAStage2(Method):
         return {}
 
     def compute_grads(self, model, x, y, backward):
-        eps_i = torch.rand(len(x), device=x.device)*self.eps
-        eps_i = torch.where(torch.rand(len(x), device=x.device) < self.clean_prob, torch.zeros_like(eps_i), eps_i)
+        eps_i = sample_rand((len(x),), x.device)*self.eps  # per-sample strengths, keyed draws (see `random_scope`)
+        eps_i = torch.where(sample_rand((len(x),), x.device) < self.clean_prob, torch.zeros_like(eps_i), eps_i)
         x_e = self.attack.perturb(model, x, y, eps=eps_i).detach()
         model.train()
         loss = F.cross_entropy(model(x_e), y)
@@ -297,7 +313,7 @@ class FiLMBN(nn.Module):
 
     def forward(self, x):
         out = self.bn(x)
-        if self.code is None: return out
+        if self.code is None or self.film is None: return out
         mu, sigma = self.film(self.code).split(self.num_features, dim=1)
         return out*mu[:, :, None, None] + sigma[:, :, None, None]
 
@@ -333,9 +349,12 @@ class OATModel(nn.Module):
 
 
 def oat_model(arch:str, dataset:str, normalize:bool=True, **kw) -> OATModel:
-    "An OAT network: `arch` with every BN replaced by FiLMBN."
+    "An OAT network: `arch` with every BN replaced by a dual BN, followed by FiLM except on residual shortcuts (as the OAT code)."
     from robustbench_lab.models import create_model
-    return OATModel(create_model(arch, dataset, normalize=normalize, norm_layer=FiLMBN, **kw))
+    net = create_model(arch, dataset, normalize=normalize, norm_layer=FiLMBN, **kw)
+    for name, m in net.named_modules():
+        if isinstance(m, FiLMBN) and '.shortcut.' in f'.{name}.': m.film = None  # the code's bn_sc is a DualBN without FiLM
+    return OATModel(net)
 
 
 class OAT(Method):
@@ -355,26 +374,30 @@ class OAT(Method):
         return {}
 
     def draw(self, n, device):
-        "⌈n/6⌉ samples at λ = 0, the others uniform over the non-zero λ values."
-        n0 = math.ceil(n/len(self.lambdas))
-        nz = torch.tensor(self.lambdas[1:])[torch.randint(0, len(self.lambdas) - 1, (n - n0,))]
-        lam = torch.cat([torch.zeros(n0), nz])[torch.randperm(n)]
-        return lam.to(device)
+        "⌈N/6⌉ samples of the global batch at λ = 0, the others uniform over the non-zero λ values; this process's rows of it."
+        total = distributed.global_rows(n)
+        g = shared_generator()
+        n0 = math.ceil(total/len(self.lambdas))
+        nz = torch.tensor(self.lambdas[1:])[torch.randint(0, len(self.lambdas) - 1, (total - n0,), generator=g)]
+        lam = torch.cat([torch.zeros(n0), nz])[torch.randperm(total, generator=shared_generator())]
+        return sample_rows(lam).to(device)
 
     def compute_grads(self, model, x, y, backward):
         model.lam = None
         lam = self.draw(len(x), x.device)
         adv = lam > 0
+        model.train()
+        model.condition(lam)
+        ce_c = F.cross_entropy(model(x), y, reduction='none')  # the clean forward comes first in the code: the attack sees its BN update
         x_adv = x.clone()
         if adv.any():
             model.condition(lam[adv])
-            x_adv[adv] = self.attack(model, x[adv], y[adv])
-        model.train()
-        model.condition(lam)
-        ce_c = F.cross_entropy(model(x), y, reduction='none')
-        model.condition(lam)
-        ce_a = F.cross_entropy(model(x_adv), y, reduction='none')
-        loss = ((1 - lam)*ce_c + lam*ce_a).mean()
+            with random_subset(adv): x_adv[adv] = self.attack(model, x[adv], y[adv])
+        loss = ((1 - lam)*ce_c).mean()
+        if adv.any():  # the adversarial forward sees only the λ > 0 samples, as in the code (BN_a's statistics are theirs)
+            model.train()
+            model.condition(lam[adv])
+            loss = loss + (lam[adv]*F.cross_entropy(model(x_adv[adv]), y[adv], reduction='none')).sum()/len(x)
         backward(loss)
         return dict(loss=loss.item())
 

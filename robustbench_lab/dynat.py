@@ -5,6 +5,7 @@
 # %% ../nbs/11_dynat.ipynb #7b074414
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from .attacks import PGD, TradesKL
 from .core import ConfigError, check
 from .methods import Method, WeightPerturbation, relative_direction
+from .models import repeat_bn_updates
 from .objectives import GAIRAT, MAIL, PGDAT, Objective, batch_kl
 
 # %% auto #0
-__all__ = ['INNERS', 'VARIANTS', 'dynamic_labels', 'DYNAT', 'dynat_objective', 'dynat_variant']
+__all__ = ['INNERS', 'VARIANTS', 'RECIPES', 'dynamic_labels', 'DYNAT', 'dynat_objective', 'dynat_recipe', 'dynat_variant']
 
 # %% ../nbs/11_dynat.ipynb #9cc0f3a9
 def dynamic_labels(guide:nn.Module, # the guide model
@@ -42,16 +44,18 @@ class DYNAT(Method):
 
     def __init__(self, guide:nn.Module, # the guide model, trained jointly with the same optimiser
                  objective:Objective|None=None, # the target's loss on dynamic labels: PGDAT (default), GAIRAT or MAIL
-                 inner:str='trades', # 'trades' (KL), 'dynamic' (objective's attack vs ŷ: -Inner) or 'label' (vs y)
+                 inner:str='dynamic', # 'dynamic' (CE vs ŷ: dynat.py), 'trades' (KL: AWP_dynat.py, LBGAT) or 'label' (vs y)
                  lam:float=1.0, # weight λ of the target's dynamic-label loss (0.2: the code's CIFAR-100 AWP variants)
                  beta:float=0.0, # TRADES KL term on the target ("β = 0" / "β = 1" of Tables 1–2)
                  awp_gamma:float|None=None, # AWP on the target (code: 0.005); None: no AWP
-                 awp_warmup:int|None=None, # epochs before AWP starts; None: 10% of the run (10 of 100)
+                 awp_warmup:int|None=None, # epochs before AWP starts; None: 9 of 100 (the code's `epoch >= 10`, epochs from 1)
                  awp_beta:float=6.0, # β of AWP's TRADES proxy loss (on ground truth, as in the code)
                  guide_train_mode:bool=True, # compute ŷ with the guide in train mode (code) or eval mode
+                 guide_bn_updates:int=1, # train-mode guide forwards of the batch the code makes per step (dynat.py: steps + 1; AWP_dynat.py: 2)
                  eps:float=0.031, alpha:float=0.007, steps:int=10, # the training attack (code: 0.031, 0.007, 10; paper: step 2/255)
+                 clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
                 ):
-        objective = objective or PGDAT(eps=eps, alpha=alpha, steps=steps, attack=PGD(eps=eps, alpha=alpha, steps=steps, init='normal'))
+        objective = objective or PGDAT(attack=PGD(eps=eps, alpha=alpha, steps=steps, init='normal', clip_start=clip_start))
         super().__init__(objective)
         if not isinstance(objective, (PGDAT, GAIRAT, MAIL)) or (isinstance(objective, MAIL) and objective.form != 'at'):
             raise ConfigError(f'objective = {objective!r}: DYNAT trains the target with a label loss: PGDAT, GAIRAT or MAIL-AT')
@@ -61,7 +65,8 @@ class DYNAT(Method):
         self.awp_gamma = check('awp_gamma', awp_gamma, float, lo=0, allow_none=True)
         self.awp_warmup, self.awp_beta = check('awp_warmup', awp_warmup, int, lo=0, allow_none=True), check('awp_beta', awp_beta, float, lo=0)
         self.guide_train_mode = check('guide_train_mode', guide_train_mode, bool)
-        self.kl_attack = TradesKL(eps=eps, alpha=alpha, steps=steps)
+        self.guide_bn_updates = check('guide_bn_updates', guide_bn_updates, int, lo=1)
+        self.kl_attack = TradesKL(eps=eps, alpha=alpha, steps=steps, clip_start=clip_start)
         self.proxy, self._pert = None, None
 
     def setup(self, model):
@@ -69,29 +74,38 @@ class DYNAT(Method):
         return dict(guide=self.guide)
 
     @property
-    def warmup(self) -> int: return self.awp_warmup if self.awp_warmup is not None else round(self.epochs*0.1)
+    def warmup(self) -> int: return self.awp_warmup if self.awp_warmup is not None else round(self.epochs*0.09)
+
+    def _guide(self, x):
+        "The guide's train-mode logits on the clean batch (its BN statistics updated as the code's repeated forwards do) and ŷ."
+        self.guide.train()
+        with repeat_bn_updates(self.guide, self.guide_bn_updates): z_g = self.guide(x)
+        y_dyn = z_g.argmax(1).detach() if self.guide_train_mode else dynamic_labels(self.guide, x, False)
+        return z_g, y_dyn
+
+    def _attack(self, model, x, y, y_dyn):
+        obj = self.objective
+        if self.inner == 'trades': return obj.perturb(model, x, y, attack=self.kl_attack, bn_mode=self.bn_mode)
+        return obj.perturb(model, x, y if self.inner == 'label' else y_dyn, bn_mode=self.bn_mode)
 
     def compute_grads(self, model, x, y, backward):
         obj = self.objective
-        self.guide.train()
-        z_g = self.guide(x)  # one train-mode guide pass per batch gives both its loss and the dynamic labels
-        y_dyn = z_g.argmax(1).detach() if self.guide_train_mode else dynamic_labels(self.guide, x, False)
-        if self.inner == 'trades': x_adv = obj.perturb(model, x, y, attack=self.kl_attack, bn_mode=self.bn_mode)
-        elif self.inner == 'label': x_adv = obj.perturb(model, x, y, bn_mode=self.bn_mode)
-        else: x_adv = obj.perturb(model, x, y_dyn, bn_mode=self.bn_mode)
+        z_g, y_dyn = self._guide(x)  # one guide pass gives both its loss and the dynamic labels
+        x_adv = self._attack(model, x, y, y_dyn)
         model.train()
         if self.awp_gamma and self.epoch >= self.warmup:
             def proxy_loss(p):
                 z = p(x)
                 return F.cross_entropy(z, y) + self.awp_beta*batch_kl(z, p(x_adv)).mean()
             self._pert = WeightPerturbation(relative_direction(model, self.proxy, proxy_loss), self.awp_gamma).apply()
-        ce_g = F.cross_entropy(z_g, y)
+        # the code's train-mode forwards of the target: x_adv, then x (always, also at β = 0: a BN update with the clean batch)
         loss_t, logs = obj.loss(model, x, x_adv, y_dyn)
+        with contextlib.nullcontext() if self.beta > 0 else torch.no_grad(): z_t = model(x)
+        ce_g = F.cross_entropy(z_g, y)
         loss = ce_g + self.lam*loss_t
-        out = dict(loss=loss.item(), guide_ce=ce_g.item(), target_loss=loss_t.item(),
-                   label_agree=(y_dyn == y).float().mean().item())
+        out = dict(loss=loss.item(), guide_ce=ce_g.item(), target_loss=loss_t.item(), label_agree=(y_dyn == y).float().mean().item())
         if self.beta > 0:
-            kl = batch_kl(model(x), obj.last_logits['adv']).mean()  # gradient through both target outputs, as in the code
+            kl = batch_kl(z_t, obj.last_logits['adv']).mean()  # gradient through both target outputs, as in the code
             loss = loss + self.beta*kl
             out.update(loss=loss.item(), kl=kl.item())
         backward(loss)
@@ -104,7 +118,7 @@ class DYNAT(Method):
 
     def __repr__(self):
         return (f'DYNAT({self.objective!r}, inner={self.inner!r}, lam={self.lam}, beta={self.beta}, awp_gamma={self.awp_gamma}, '
-                f'guide_train_mode={self.guide_train_mode})')
+                f'guide_train_mode={self.guide_train_mode}, guide_bn_updates={self.guide_bn_updates})')
 
 # %% ../nbs/11_dynat.ipynb #1812d301
 VARIANTS = {
@@ -120,22 +134,35 @@ VARIANTS = {
 }
 
 
-def dynat_objective(name:str, eps:float, alpha:float, steps:int, **kw) -> Objective:
+def dynat_objective(name:str, eps:float, alpha:float, steps:int, clip_start:bool=True, **kw) -> Objective:
     "The target's label loss, with the DYNAT code's attack settings (TRADES init for the CE attack, as in the code)."
-    if name == 'pgdat': return PGDAT(attack=PGD(eps=eps, alpha=alpha, steps=steps, init='normal'))
+    if name == 'pgdat': return PGDAT(attack=PGD(eps=eps, alpha=alpha, steps=steps, init='normal', clip_start=clip_start))
     if name == 'gairat': return GAIRAT(eps=eps, alpha=alpha, steps=steps, label_smoothing=kw.get('label_smoothing', 0.2),
                                        begin_epoch=kw.get('begin_epoch'))
-    if name == 'mail': return MAIL('at', eps=eps, alpha=alpha, steps=steps, burn_in=kw.get('burn_in'))
+    if name == 'mail': return MAIL('at', eps=eps, alpha=alpha, steps=steps, burn_in=kw.get('burn_in'), clip_start=clip_start)
     raise ConfigError(f"objective = {name!r}: DYNAT's target loss is one of 'pgdat', 'gairat', 'mail'")
+
+
+RECIPES = ('code', 'paper')
+
+
+def dynat_recipe(inner:str, recipe:str, steps:int) -> dict:
+    "The attack and guide settings of a recipe: 'code' = the released files, 'paper' = the paper's text."
+    check('recipe', recipe, str, choices=RECIPES)
+    if recipe == 'paper': return dict(alpha=2/255, clip_start=True, guide_bn_updates=1)
+    # dynat.py forwards the guide once per attack step (for ŷ) and once for the loss; AWP_dynat.py twice in the loss
+    return dict(alpha=0.007, clip_start=False, guide_bn_updates=steps + 1 if inner == 'dynamic' else 2)
 
 
 def dynat_variant(name:str, # a key of VARIANTS
                   guide:nn.Module, # the guide model
+                  recipe:str='code', # 'code': the released files' attack (0.007, unclipped start) and guide passes; 'paper': step 2/255
                   lam:float|None=None, beta:float|None=None, # override the variant's λ / β
-                  awp_gamma:float=0.005, paper:bool=False, eps:float=0.031, steps:int=10, **kw) -> DYNAT:
+                  awp_gamma:float=0.005, eps:float=0.031, steps:int=10, **kw) -> DYNAT:
     "One of the paper's DYNAT variants, built from DYNAT and the existing objectives and AWP primitive."
     v = VARIANTS[check('variant', name, str, choices=VARIANTS)]
-    alpha = 2/255 if paper else 0.007
-    obj = dynat_objective(v['objective'], eps, alpha, steps, **kw)
-    return DYNAT(guide, obj, inner=v['inner'], lam=1.0 if lam is None else lam, beta=v.get('beta', 0.0) if beta is None else beta,
-                 awp_gamma=awp_gamma if v.get('awp') else None, eps=eps, alpha=alpha, steps=steps)
+    inner = 'dynamic' if recipe == 'code' and name == 'DYNAT' else v['inner']  # the released dynat.py attacks with CE vs ŷ
+    r = dynat_recipe(inner, recipe, steps)
+    obj = dynat_objective(v['objective'], eps, r['alpha'], steps, r['clip_start'], **kw)
+    return DYNAT(guide, obj, inner=inner, lam=1.0 if lam is None else lam, beta=v.get('beta', 0.0) if beta is None else beta,
+                 awp_gamma=awp_gamma if v.get('awp') else None, eps=eps, steps=steps, **r)

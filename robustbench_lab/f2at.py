@@ -5,21 +5,24 @@
 # %% ../nbs/13_f2at.ipynb #dbb493bc
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import PGD, attack_mode
-from .core import ConfigError, check
+from .core import ConfigError, check, random_scope, shared_generator
 from .methods import Method
+from .models import no_bn_update
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'quantize', 'bitplanes', 'split_patterns', 'ResidualHead', 'LocalNet', 'GlobalNet', 'MIEstimator',
-           'hard_margin_loss', 'soft_margin_loss', 'pattern_dependent_loss', 'representation', 'pretrain_estimators',
-           'F2AT', 'save_estimators', 'load_estimators']
+__all__ = ['ABLATIONS', 'MODES', 'quantize', 'bitplanes', 'split_patterns', 'ResidualHead', 'LocalNet', 'GlobalNet',
+           'MIEstimator', 'hard_margin_loss', 'soft_margin_loss', 'pattern_dependent_loss', 'representation',
+           'pretrain_estimators', 'F2AT', 'save_estimators', 'load_estimators']
 
 # %% ../nbs/13_f2at.ipynb #9074d710
 def quantize(x:torch.Tensor) -> torch.Tensor:
@@ -119,7 +122,8 @@ def soft_margin_loss(z:torch.Tensor, y:torch.Tensor, v:float=0.995) -> torch.Ten
 
 def pattern_dependent_loss(i_nat:torch.Tensor, i_pert:torch.Tensor, tau:float=0.07, n_neg:int|None=None) -> torch.Tensor:
     "L_pd = mean_i(−Î_nat(i)/τ) + logsumexp over N negatives of Î_pert(j)/τ (N random samples of the batch; default all)."
-    neg = i_pert if n_neg is None or n_neg >= len(i_pert) else i_pert[torch.randperm(len(i_pert), device=i_pert.device)[:n_neg]]
+    if n_neg is None or n_neg >= len(i_pert): neg = i_pert
+    else: neg = i_pert[torch.randperm(len(i_pert), generator=shared_generator())[:n_neg].to(i_pert.device)]
     return (-i_nat/tau).mean() + torch.logsumexp(neg/tau, 0)
 
 # %% ../nbs/13_f2at.ipynb #3e917bca
@@ -143,7 +147,6 @@ def pretrain_estimators(model:nn.Module, # a PGD-AT model (kept frozen, eval mod
     "Train the natural- and perturbed-pattern estimators on a frozen model; returns both (eval mode) and per-epoch mean DV."
     from robustbench_lab.data import Loader
     dev = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad(): dim = representation(model.eval(), (x[:2].float()/255 if x.dtype == torch.uint8 else x[:2].float()).to(dev), source)[0].shape[1]
     torch.manual_seed(seed)
     est_n, est_p = MIEstimator(x.shape[1], dim, units).to(dev), MIEstimator(x.shape[1], dim, units).to(dev)
@@ -154,8 +157,8 @@ def pretrain_estimators(model:nn.Module, # a PGD-AT model (kept frozen, eval mod
     history = []
     for epoch in range(epochs):
         tot = cnt = 0
-        for xb, yb in Loader(x, y, batch_size=batch_size, shuffle=True, seed=seed + epoch, device=dev, drop_last=len(x) > batch_size):
-            xa = atk(model, xb, yb)
+        for xb, yb, info in Loader(x, y, batch_size=batch_size, shuffle=True, seed=seed, device=dev, drop_last=len(x) > batch_size).batches(epoch, info=True):
+            with random_scope(seed, epoch, info.index, total=len(xb)): xa = atk(model, xb, yb)
             nat, pert = split_patterns(xa, K)
             with torch.no_grad(), attack_mode(model, 'eval'): rep = representation(model, xa, source)[0]
             est_n.train(); est_p.train()
@@ -172,6 +175,7 @@ def pretrain_estimators(model:nn.Module, # a PGD-AT model (kept frozen, eval mod
 
 # %% ../nbs/13_f2at.ipynb #3d0e843e
 ABLATIONS = (None, 'no_patterns', 'no_margin', 'no_pd')
+MODES = ('frozen', 'online', 'target')
 
 
 class F2AT(Method):
@@ -179,39 +183,65 @@ class F2AT(Method):
     name = 'f2at'
     bn_mode = 'eval'
 
-    def __init__(self, est_nat:MIEstimator, est_pert:MIEstimator, # estimators (pre-trained; frozen unless mode='online')
+    def __init__(self, est_nat:MIEstimator|None, est_pert:MIEstimator|None, # estimators (pre-trained; None in mode 'target')
                  K:int=2, alpha:float=0.1, gamma:float=1.0, tau:float=0.07, v:float=0.995,
                  margin:str='soft', # 'soft' (eq. 19) or 'hard' (eq. 18)
                  ablation:str|None=None, # None | 'no_patterns' (i) | 'no_margin' (ii: γ = 0) | 'no_pd' (iii: α = 0)
                  source:str='features', # E_ψ: penultimate 'features' or 'logits'
-                 mode:str='frozen', # estimators 'frozen' (MIAT) or 'online' (one ascent step per batch)
+                 mode:str='frozen', # 'frozen' (pre-trained on a source network, MIAT), 'online' (one ascent step per batch), 'target' (pre-trained on this network at `pretrain_epoch`)
                  est_lr:float=1e-3, # online mode: Adam learning rate of the estimators
-                 n_neg:int|None=None, # negatives in L_pd (default: the batch)
+                 n_neg:int|None=None, # negatives in L_pd (default: the batch; in a process group, this process's rows)
                  scale_pert:bool=True, # feed X_pert·2^K to the perturbed estimator (as in pre-training)
+                 nat_bn:str='batch', # the h(X_nat) forward: 'batch' (batch statistics, running statistics untouched) or 'update'
+                 alpha_warmup:int=0, # α grows linearly over the first `alpha_warmup` epochs (α·epoch/alpha_warmup)
+                 pretrain:Callable|None=None, # mode 'target': model -> (est_nat, est_pert), pre-training on a frozen copy of the model
+                 pretrain_epoch:int=1, # mode 'target': the epoch at whose start the estimators are pre-trained (α = 0 before)
                  eps:float=8/255, alpha_attack:float=2/255, steps:int=10):
         from robustbench_lab.objectives import PGDAT
         super().__init__(PGDAT(eps=eps, alpha=alpha_attack, steps=steps))
-        self.est_nat, self.est_pert = est_nat, est_pert
         self.K = check('K', K, int, lo=1, hi=8)
         self.ablation = check('ablation', ablation, str, choices=[a for a in ABLATIONS if a], allow_none=True)
         self.alpha = 0.0 if ablation in ('no_patterns', 'no_pd') else check('alpha', alpha, float, lo=0)
         self.gamma = 0.0 if ablation == 'no_margin' else check('gamma', gamma, float, lo=0)
         self.tau, self.v = check('tau', tau, float, lo=0, lo_open=True), check('v', v, float, lo=0, lo_open=True)
         self.margin = check('margin', margin, str, choices=['soft', 'hard'])
-        self.source, self.mode = check('source', source, str, choices=['features', 'logits']), check('mode', mode, str, choices=['frozen', 'online'])
+        self.source, self.mode = check('source', source, str, choices=['features', 'logits']), check('mode', mode, str, choices=MODES)
         self.n_neg, self.scale_pert = check('n_neg', n_neg, int, lo=2, allow_none=True), check('scale_pert', scale_pert, bool)
         self.est_lr = check('est_lr', est_lr, float, lo=0, lo_open=True)
-        self.est_opt = None
+        self.nat_bn, self.alpha_warmup = check('nat_bn', nat_bn, str, choices=['batch', 'update']), check('alpha_warmup', alpha_warmup, int, lo=0)
+        self.pretrain_epoch = check('pretrain_epoch', pretrain_epoch, int, lo=0)
+        if mode == 'target' and pretrain is None: raise ConfigError("mode = 'target': pass pretrain (model -> estimators)")
+        if mode != 'target' and (est_nat is None or est_pert is None): raise ConfigError(f'mode = {mode!r}: pass both estimators')
+        self.pretrain, self.est_opt, self._model = pretrain, None, None
+        self._set_estimators(est_nat, est_pert)
+
+    def _set_estimators(self, est_nat, est_pert):
+        self.est_nat, self.est_pert = est_nat, est_pert
         for e in (est_nat, est_pert):
+            if e is None: continue
             e.eval()
             for p in e.parameters(): p.requires_grad_(False)
 
     def setup(self, model):
+        self._model = model
         dev = next(model.parameters()).device
-        self.est_nat.to(dev); self.est_pert.to(dev)
+        if self.est_nat is not None:
+            self.est_nat.to(dev); self.est_pert.to(dev)
         if self.mode == 'online':
             self.est_opt = torch.optim.Adam(list(self.est_nat.parameters()) + list(self.est_pert.parameters()), lr=self.est_lr)
         return {}
+
+    def start_epoch(self, epoch, epochs):
+        super().start_epoch(epoch, epochs)
+        if self.mode == 'target' and epoch >= self.pretrain_epoch and self.est_nat is None:
+            self._set_estimators(*self.pretrain(copy.deepcopy(self._model).eval()))
+
+    def current_alpha(self) -> float:
+        "α this epoch: 0 before the estimators exist (mode 'target'), then linearly up to α over `alpha_warmup` epochs."
+        if self.est_nat is None: return 0.0
+        start = self.pretrain_epoch if self.mode == 'target' else 0
+        ramp = 1.0 if not self.alpha_warmup else min(1.0, (self.epoch - start)/self.alpha_warmup)
+        return self.alpha*ramp
 
     def _estimators_step(self, nat, pert, rep):
         "Online mode: one ascent step of both DV bounds with the representation detached."
@@ -221,9 +251,7 @@ class F2AT(Method):
         self.est_opt.zero_grad()
         (-(self.est_nat(nat, rep.detach()).mean() + self.est_pert(pert, rep.detach()).mean())).backward()
         self.est_opt.step()
-        for e in (self.est_nat, self.est_pert):
-            e.eval()
-            for p in e.parameters(): p.requires_grad_(False)
+        self._set_estimators(self.est_nat, self.est_pert)
 
     def compute_grads(self, model, x, y, backward):
         x_adv = self.objective.perturb(model, x, y, bn_mode=self.bn_mode)
@@ -233,14 +261,16 @@ class F2AT(Method):
         rep, z_adv = representation(model, x_adv, self.source)
         ce = F.cross_entropy(z_adv, y)
         loss, logs = ce, dict(ce=ce.item())
-        if self.alpha > 0:
+        alpha = self.current_alpha()
+        if alpha > 0:
             if self.mode == 'online': self._estimators_step(nat, pert_in, rep)
             i_nat, i_pert = self.est_nat(nat, rep), self.est_pert(pert_in, rep)
             pd = pattern_dependent_loss(i_nat, i_pert, self.tau, self.n_neg)
-            loss = loss + self.alpha*pd
-            logs.update(l_pd=pd.item(), i_nat=i_nat.mean().item(), i_pert=i_pert.mean().item())
+            loss = loss + alpha*pd
+            logs.update(l_pd=pd.item(), i_nat=i_nat.mean().item(), i_pert=i_pert.mean().item(), alpha_pd=alpha)
         if self.gamma > 0:
-            z_nat = model(x if self.ablation == 'no_patterns' else nat)
+            with no_bn_update(model) if self.nat_bn == 'batch' else contextlib.nullcontext():
+                z_nat = model(x if self.ablation == 'no_patterns' else nat)
             mg = soft_margin_loss(z_nat, y, self.v) if self.margin == 'soft' else hard_margin_loss(z_nat, y)
             loss = loss + self.gamma*mg
             logs['l_mg'] = mg.item()
@@ -248,17 +278,22 @@ class F2AT(Method):
         return dict(loss=loss.item(), **logs)
 
     def state_dict(self):
+        if self.est_nat is None: return {}
         d = dict(est_nat=self.est_nat.state_dict(), est_pert=self.est_pert.state_dict())
         if self.est_opt is not None: d['est_opt'] = self.est_opt.state_dict()
         return d
 
     def load_state_dict(self, d):
+        if not d: return
+        if self.est_nat is None:  # mode 'target', resumed after pre-training: rebuild the estimators' shapes from the state
+            self._set_estimators(*self.pretrain(copy.deepcopy(self._model).eval(), dry=True))
         self.est_nat.load_state_dict(d['est_nat']); self.est_pert.load_state_dict(d['est_pert'])
         if self.est_opt is not None and 'est_opt' in d: self.est_opt.load_state_dict(d['est_opt'])
 
     def __repr__(self):
         return (f'F2AT(K={self.K}, alpha={self.alpha}, gamma={self.gamma}, tau={self.tau}, v={self.v}, margin={self.margin!r}, '
-                f'ablation={self.ablation!r}, source={self.source!r}, mode={self.mode!r}, attack={self.objective.attack!r})')
+                f'ablation={self.ablation!r}, source={self.source!r}, mode={self.mode!r}, nat_bn={self.nat_bn!r}, '
+                f'alpha_warmup={self.alpha_warmup}, attack={self.objective.attack!r})')
 
 # %% ../nbs/13_f2at.ipynb #9b2f298a
 def save_estimators(path, est_nat:MIEstimator, est_pert:MIEstimator, **meta):

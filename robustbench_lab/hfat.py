@@ -12,13 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .attacks import IterativeAttack
-from .core import ConfigError, check
-from .methods import Method, WeightPerturbation, relative_direction
+from .core import ConfigError, check, sample_randn, shared_generator
+from .methods import Method, WeightPerturbation, relative_direction, unwrap
 from .objectives import Objective, PGDAT, batch_kl
 
 # %% auto #0
-__all__ = ['WEIGHTINGS', 'hider_candidates', 'branch_weights', 'HFAT', 'hfat_paper']
+__all__ = ['WEIGHTINGS', 'hider_candidates', 'branch_weights', 'masked_hider_loss', 'take_grads', 'mix_grads_', 'HFAT',
+           'hfat_paper']
 
 # %% ../nbs/10_hfat.ipynb #c0864f92
 def hider_candidates(x:torch.Tensor, # clean images
@@ -27,24 +29,55 @@ def hider_candidates(x:torch.Tensor, # clean images
                      noise_std:float, # std of the added Gaussian noise
                     ) -> torch.Tensor:
     "T(x, x_adv, r) = clip(x_adv + r·(x − x_adv) + σ·N(0, I), 0, 1), detached."
-    return (x_adv + r*(x - x_adv) + noise_std*torch.randn_like(x)).clamp(0, 1).detach()
+    return (x_adv + r*(x - x_adv) + noise_std*sample_randn(x.shape, x.device, x.dtype)).clamp(0, 1).detach()
 
 # %% ../nbs/10_hfat.ipynb #f446a996
 WEIGHTINGS = ('code', 'paper', 'static')
 
 
-def branch_weights(kl_s:torch.Tensor, # per-sample KL(clean ‖ adv) of the standard branch
+def branch_weights(kl_s:torch.Tensor, # per-sample KL(clean ‖ adv) of the standard branch (this process's rows)
                    kl_a:torch.Tensor, # per-sample KL of the auxiliary branch
                    mode:str='code', # 'code', 'paper' or 'static'
                    beta_r:float=0.0, beta_u:float=1.0, # temperatures of the 'code' mode
                    static:tuple=(0.1, 0.9), # (w_S, w_A) of the 'static' mode
-                  ) -> tuple[float, float]:
-    "The weights (w_S, w_A) of the standard and auxiliary gradients."
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    "The weights (w_S, w_A) of the standard and auxiliary gradients, as 0-dim tensors in the KLs' dtype (global-batch KLs)."
     check('weighting', mode, str, choices=WEIGHTINGS)
-    if mode == 'static': return float(static[0]), float(static[1])
-    a, b = (beta_r*kl_s.sum(), beta_u*kl_a.sum()) if mode == 'code' else (kl_s.mean(), kl_a.mean())
-    w = torch.softmax(torch.stack([a, b]).detach().double(), 0)
-    return w[0].item(), w[1].item()
+    if mode == 'static': return tuple(torch.tensor(float(w), dtype=kl_s.dtype) for w in static)
+    s, a = (distributed.sum_scalar(k.detach().sum()).to(k.dtype) for k in (kl_s, kl_a))
+    if mode == 'paper': s, a = s/distributed.global_rows(len(kl_s)), a/distributed.global_rows(len(kl_a))
+    else: s, a = beta_r*s, beta_u*a
+    w = torch.softmax(torch.stack([s, a]), 0)
+    return w[0], w[1]
+
+# %% ../nbs/10_hfat.ipynb #e30db555
+def masked_hider_loss(x_h:torch.Tensor, # hider candidates
+                      y:torch.Tensor, # labels
+                      lt:float, # loss threshold: only candidates with CE < lt count
+                      frac:list|None=None, # receives the share of candidates under the threshold
+                     ):
+    "The proxy's loss: `proxy -> (1/B)·Σ 1[CE_i < lt]·CE_i` on the hider candidates."
+    def loss(proxy):
+        ce = F.cross_entropy(proxy(x_h), y, reduction='none')
+        mask = (ce.detach() < lt).to(ce.dtype)
+        if frac is not None: frac.append(mask.mean())
+        return (mask*ce).mean()
+    return loss
+
+
+def take_grads(params:list) -> list:
+    "Every parameter's gradient (zeros where there is none), leaving `.grad` empty for the next backward."
+    out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params: p.grad = None
+    return out
+
+
+@torch.no_grad()
+def mix_grads_(params:list, g_s:list, g_a:list, w_s:torch.Tensor, w_a:torch.Tensor):
+    "Set every `.grad` to w_S·g_S + w_A·g_A (two fused multiplies and an add)."
+    mixed = torch._foreach_mul(g_s, w_s)
+    torch._foreach_add_(mixed, torch._foreach_mul(g_a, w_a))
+    for p, g in zip(params, mixed): p.grad = g
 
 # %% ../nbs/10_hfat.ipynb #512d97a9
 class HFAT(Method):
@@ -67,8 +100,9 @@ class HFAT(Method):
                  static_weights:tuple=(0.1, 0.9), # (w_S, w_A) for weighting='static'
                  awp_gamma:float|None=None, # AWP_HF: also compute the standard branch at AWP-perturbed weights
                  std_attack:IterativeAttack|None=None, # override the standard-branch attack entirely
+                 **kw, # eval_first_batch (the code attacks each epoch's first batch in eval mode; see `Method`)
                 ):
-        super().__init__(objective)
+        super().__init__(objective, **kw)
         self.eps_s, self.alpha_s = check('eps_s', eps_s, float, lo=0, hi=1), check('alpha_s', alpha_s, float, lo=0)
         self.steps_s = check('steps_s', steps_s, int, lo=1)
         self.r_mean, self.r_std = check('r_mean', r_mean, float), check('r_std', r_std, float, lo=0)
@@ -92,43 +126,33 @@ class HFAT(Method):
         self.proxy = copy.deepcopy(model)
         return {}
 
-    def _grads(self, model):
-        return [p.grad.detach().clone() if p.grad is not None else None for p in model.parameters()]
-
     def _clean_logits(self, model, x):
         cl = self.objective.last_logits.get('clean')
         if cl is not None: return cl
-        with torch.no_grad(): return model(x)
+        with torch.no_grad(): return model(x)  # train mode, as the code: one more BN update with the clean batch
 
     def compute_grads(self, model, x, y, backward):
         t0 = time.perf_counter()
         if self.proxy is None: self.setup(model)
-        obj = self.objective
-        # 1-2. standard-branch example and hider candidates
-        x_adv = obj.perturb(model, x, y, attack=self.std_attack, bn_mode=self.bn_mode)
-        r = self.r_mean + self.r_std*torch.randn(()).item()
+        obj, params = self.objective, list(unwrap(model).parameters())
+        # 1-2. standard-branch example and hider candidates (one r per batch, the same in every process)
+        x_adv = self.perturb(model, x, y, attack=self.std_attack)
+        r = self.r_mean + self.r_std*float(torch.randn((), generator=shared_generator(x.device), device=x.device))
         x_h = hider_candidates(x, x_adv, r, self.noise_std)
         model.train()
         # 3-4. proxy ascent on the masked hider CE, auxiliary model θ̂ = θ + γ·d
         frac = []
-        def hider_loss(proxy):
-            ce = F.cross_entropy(proxy(x_h), y, reduction='none')
-            mask = (ce.detach() < self.lt).to(ce.dtype)
-            frac.append(mask.mean().item())
-            return (mask*ce).mean()
-        aux = WeightPerturbation(relative_direction(model, self.proxy, hider_loss), self.gamma).apply()
-        # 5. auxiliary branch at θ̂
+        aux = WeightPerturbation(relative_direction(model, self.proxy, masked_hider_loss(x_h, y, self.lt, frac)), self.gamma).apply()
+        # 5. auxiliary branch at θ̂: a clean forward (BN statistics only, as in the code), the attack, its loss
         try:
-            with torch.no_grad(): z_a_clean = model(x)  # updates the shared BN statistics, as in the code
+            with torch.no_grad(): z_a_clean = model(x)
             x_a = obj.perturb(model, x, y, bn_mode=self.bn_mode)
             loss_a, _ = obj.loss(model, x, x_a, y)
-            z_a_adv = obj.last_logits['adv']
-            if 'clean' in obj.last_logits: z_a_clean = obj.last_logits['clean']
+            z_a_adv, z_a_clean = obj.last_logits['adv'], obj.last_logits.get('clean', z_a_clean)
             backward(loss_a)
         finally:
-            aux.restore()  # 6. exactly θ again
-        g_a = self._grads(model)
-        model.zero_grad(set_to_none=True)
+            aux.remove()  # 6. θ again, by subtracting γ·d as the code does
+        g_a = take_grads(params)
         # 7. standard branch at θ (at AWP-perturbed θ for AWP_HF)
         awp = None
         if self.awp_gamma:
@@ -138,18 +162,15 @@ class HFAT(Method):
             z_s_adv = obj.last_logits['adv']
             backward(loss_s)
         finally:
-            if awp is not None: awp.restore()
+            if awp is not None: awp.remove()
         z_s_clean = self._clean_logits(model, x)
-        # 8. weights and the combined gradient
+        # 8. weights from both branches' KLs (global batch), and the mixed gradient
         kl_s, kl_a = batch_kl(z_s_clean.detach(), z_s_adv.detach()), batch_kl(z_a_clean.detach(), z_a_adv.detach())
         w_s, w_a = branch_weights(kl_s, kl_a, self.weighting, self.beta_r, self.beta_u, self.static_weights)
-        with torch.no_grad():
-            for p, ga in zip(model.parameters(), g_a):
-                if p.grad is None and ga is None: continue
-                gs = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = w_s*gs + w_a*(ga if ga is not None else torch.zeros_like(p))
+        mix_grads_(params, take_grads(params), g_a, w_s, w_a)
+        w_s, w_a = float(w_s), float(w_a)
         return dict(loss=w_s*loss_s.item() + w_a*loss_a.item(), std_loss=loss_s.item(), aux_loss=loss_a.item(),
-                    w_s=w_s, w_a=w_a, r=r, kl_s=kl_s.sum().item(), kl_a=kl_a.sum().item(), hider_frac=frac[0],
+                    w_s=w_s, w_a=w_a, r=r, kl_s=kl_s.sum().item(), kl_a=kl_a.sum().item(), hider_frac=float(frac[0]),
                     step_seconds=time.perf_counter() - t0)
 
     def __repr__(self):

@@ -9,13 +9,22 @@ import numpy as np
 
 
 def surface_mpl(a, b, Z, title:str='', ax=None, zlabel:str='loss'):
-    "A matplotlib 3-D surface of Z over the (a, b) grid (Z[i, j] at a[i], b[j])."
+    "A matplotlib 3-D surface of Z over the (a, b) grid (Z[i, j] at a[i], b[j]), its z label clear of the tick labels."
     import matplotlib.pyplot as plt
     if ax is None: ax = plt.figure(figsize=(4.2, 3.6)).add_subplot(projection='3d')
     A, B = np.meshgrid(np.asarray(a), np.asarray(b), indexing='ij')
     ax.plot_surface(A, B, np.asarray(Z), cmap='viridis', linewidth=0, antialiased=True)
-    ax.set(title=title, xlabel='d1', ylabel='d2', zlabel=zlabel)
+    ax.set(title=title, xlabel='d1', ylabel='d2')
+    ax.set_zlabel(zlabel, labelpad=10)
+    ax.tick_params(axis='z', pad=4)
     return ax
+
+
+def integer_epochs(*axes, axis:str='x'):
+    "Whole-number ticks on an epoch (or step) axis."
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes: getattr(ax, f'{axis}axis').set_major_locator(MaxNLocator(integer=True))
+    return axes
 
 
 def surface_plotly(a, b, Z, title:str=''):
@@ -31,8 +40,9 @@ def curves(ax, series:dict, xlabel:str='epoch', ylabel:str='', title:str='', sty
     for i, (name, (xs, ys)) in enumerate(series.items()):
         ax.plot(xs, ys, (styles or {}).get(name, '-o'), label=name, markersize=3)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    if series: ax.legend(fontsize=8)
+    if xlabel == 'epoch': integer_epochs(ax)
+    if len(series) > 1: ax.legend(fontsize=8)
     return ax
 
 # %% auto #0
-__all__ = ['surface_mpl', 'surface_plotly', 'curves']
+__all__ = ['surface_mpl', 'integer_epochs', 'surface_plotly', 'curves']
