@@ -1,0 +1,215 @@
+"""The newcomer's path: misspelt parameters, empty resumes, non-finite values and diverging runs stop with a clear error and a
+non-zero exit; presets name their methods and yield to explicit values; errors speak each pipeline's names; run files get
+ordinary permissions; relative data paths resolve against the repository; the lab leaves the notebooks clean."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from robustbench_lab.core import ConfigError, settings
+from robustbench_lab.learner import Callback, Learner, TrainingDiverged, load_checkpoint
+from robustbench_lab.train import DEFAULTS, PIPELINES, PRESETS, PRESET_METHOD, resolve_config, train
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def papermill(nb, out, params, cwd=REPO/'nbs', yaml=None):
+    args = [str(BIN/'papermill'), str(REPO/'nbs'/nb), str(out)]
+    for k, v in params.items(): args += ['-p', k, str(v)]
+    if yaml: args += ['-y', yaml]
+    return subprocess.run(args, capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize('nb,bad,good', [('train.ipynb', 'epoch', 'epochs'), ('train_hfat.ipynb', 'step_s', 'steps_s'),
+                                         ('train_dynat.ipynb', 'variantt', 'variant'), ('train_afa.ipynb', 'k', 'K'),
+                                         ('train_f2at.ipynb', 'alpha_pdd', 'alpha_pd')])
+def test_a_misspelt_parameter_stops_the_pipeline(tmp_path, nb, bad, good):
+    out = papermill(nb, tmp_path/'o.ipynb', {bad: 1, 'runs_dir': tmp_path/'runs'})
+    assert out.returncode != 0 and f"did you mean {good!r}" in out.stderr + out.stdout, (out.stderr + out.stdout)[-1500:]
+    assert not (tmp_path/'runs').exists()
+
+
+def test_rblab_run_refuses_unknown_parameters_before_starting_a_kernel(tmp_path):
+    import time
+    t = time.time()
+    out = subprocess.run([str(BIN/'rblab-run'), str(REPO/'nbs'/'train.ipynb'), '-p', 'epoch', '1', '-p', 'runs_dir', str(tmp_path/'runs')],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "did you mean 'epochs'" in out.stderr and not (tmp_path/'runs').exists()
+
+
+def test_explicit_parameters_win_over_the_preset_even_at_their_default():
+    from robustbench_lab.train import apply_preset
+    pairs = 0
+    for preset, recipe in PRESETS.items():
+        stage2 = recipe.get('afa_stage2', {})
+        for key, value in {**recipe, **stage2}.items():
+            if key == 'afa_stage2' or value == DEFAULTS[key]: continue
+            params = dict(preset=preset, **{key: DEFAULTS[key]}, **(dict(method='afa', afa_stage=2) if key in stage2 else {}))
+            assert apply_preset(params)[key] == DEFAULTS[key], (preset, key)
+            pairs += 1
+    assert pairs > 150
+    assert resolve_config(preset='afa-paper', epochs=3, dataset='digits', arch='small_cnn')['epochs'] == 3
+    assert resolve_config(preset='trades-code', beta=None, dataset='digits', arch='small_cnn')['beta'] is None
+
+
+def test_presets_name_their_methods_and_protocols_leave_it_to_you():
+    assert resolve_config(preset='hfat-paper', dataset='digits', arch='small_cnn')['method'] == 'hfat'
+    assert resolve_config(preset='hfat-code', dataset='digits', arch='small_cnn')['method'] == 'hfat'
+    assert resolve_config(preset='dynat-code', dataset='digits', arch='small_cnn', guide_arch='small_cnn')['method'] == 'dynat'
+    for name, method in PRESET_METHOD.items():
+        if name.endswith('-protocol'): assert method is None and 'method' not in PRESETS[name]
+        else: assert method is not None
+    assert resolve_config(preset='hfat-protocol', objective='mart', dataset='digits', arch='small_cnn')['objective'] == 'mart'
+
+
+def test_afa_paper_preset_carries_its_stage2_schedule():
+    from robustbench_lab.learner import Schedule
+    c = resolve_config(preset='afa-paper', method='afa', afa_stage=2, dataset='digits', arch='small_cnn')
+    s = Schedule(c['schedule'], c['lr'], c['epochs'], c['milestones'], c['lr_factors'])
+    assert c['epochs'] == 20 and [s(e, 0, 1) for e in (0, 9, 10, 19)] == [0.01, 0.01, 0.01*0.1, 0.01*0.1]
+    assert resolve_config(preset='afa-paper', method='afa', afa_stage=1, dataset='digits', arch='small_cnn')['epochs'] == 100
+
+
+@pytest.mark.parametrize('name,value', [('lr', 'inf'), ('eps', 'nan'), ('hfat_lt', '-inf')])
+def test_non_finite_values_are_refused(name, value):
+    with pytest.raises(ConfigError, match=name): resolve_config(**{name: float(value)})
+
+
+def test_resume_needs_something_to_resume_and_auto_resumes_when_there_is(tmp_path):
+    common = dict(runs_dir=str(tmp_path), epochs=1, n_train=128, n_eval=32, n_report=32, progress=False, width=8)
+    with pytest.raises(ConfigError, match=r"nothing to resume .*no run folder .*last\.pt"): train(run_name='ghost', resume=True, **common)
+    assert not (tmp_path/'ghost').exists()
+    first = train(run_name='auto', resume='auto', **common)  # nothing there: a fresh run
+    again = train(run_name='auto', resume='auto', **common)  # there: continued (already finished, so evaluated again)
+    assert [m['epoch'] for m in again.metrics] == [0] and first.dir == again.dir
+
+
+class Poison(Callback):
+    "Makes the model's output NaN from optimiser step `at` on (a forward hook), like a run that diverges there."
+    def __init__(self, at): self.at, self.hook = at, None
+    def before_batch(self, learn):
+        if learn.step == self.at and self.hook is None:
+            self.hook = learn.model.register_forward_hook(lambda m, i, o: o*float('nan'))
+
+
+def test_divergence_stops_at_the_step_keeps_the_last_good_checkpoint_and_resumes(tmp_path):
+    from robustbench_lab.data import Loader, load_arrays
+    from robustbench_lab.learner import CheckpointCB, MetricsCB
+    from robustbench_lab.methods import Standard
+    from robustbench_lab.models import create_model
+    from robustbench_lab.objectives import PGDAT
+    x, y = load_arrays('digits', 'train')
+    def learner(cbs):
+        torch.manual_seed(0)
+        return Learner(create_model('small_cnn', 'digits', width=8), Standard(PGDAT(eps=0.1, alpha=0.05, steps=1)),
+                       Loader(x[:320], y[:320], batch_size=32, shuffle=True), epochs=2, lr=0.05, schedule='constant', cbs=cbs)
+    ckdir = tmp_path/'ck'
+    with pytest.raises(TrainingDiverged, match=r'epoch 2/2, batch 3, step 12: non-finite loss term'):
+        learner([Poison(12), MetricsCB(tmp_path/'metrics.jsonl'), CheckpointCB(ckdir, every=5)]).fit()
+    last = json.loads((tmp_path/'metrics.jsonl').read_text().splitlines()[-1])
+    assert last['failed'] and last['step'] == 12 and 'loss' in last['reason']
+    kept = load_checkpoint(ckdir/'last.pt')
+    assert kept['step'] == 10 and all(torch.isfinite(v).all() for v in kept['model'].values() if v.is_floating_point())
+    resumed = learner([MetricsCB(tmp_path/'metrics.jsonl'), CheckpointCB(ckdir, every=5)]).fit(resume_from=ckdir/'last.pt')
+    clean = learner([]).fit()
+    assert resumed.step == 20 and all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), clean.model.state_dict().values()))
+
+
+def test_a_diverging_pipeline_exits_non_zero_and_says_why_in_its_report(tmp_path):
+    out = papermill('train.ipynb', tmp_path/'o.ipynb', {'lr': 1e6, 'epochs': 1, 'runs_dir': tmp_path/'runs', 'checkpoint_every': 1,
+                                                         'n_report': 32, 'progress': False})
+    assert out.returncode != 0 and 'TrainingDiverged' in out.stderr + out.stdout
+    run = next((tmp_path/'runs').iterdir())
+    assert json.loads((run/'metrics.jsonl').read_text().splitlines()[-1])['failed']
+    assert 'diverged' in json.loads((run/'report.json').read_text())['meta']['ended_early']
+
+
+def test_errors_speak_the_pipelines_names_and_units(tmp_path):
+    out = papermill('train_afa.ipynb', tmp_path/'o.ipynb', {'K': 1, 'runs_dir': tmp_path/'runs'})
+    assert out.returncode != 0 and 'K = 1' in out.stderr + out.stdout and 'afa_K' not in out.stderr + out.stdout
+    out = papermill('train_afa.ipynb', tmp_path/'o2.ipynb', {'K': 3, 'runs_dir': tmp_path/'runs'}, yaml='xi: [0, 4]')
+    assert out.returncode != 0 and 'xi = [0, 4]: expected a list of length 3' in out.stderr + out.stdout  # in /255, as given
+    out = papermill('train_dynat.ipynb', tmp_path/'o3.ipynb', {'lam': -1, 'runs_dir': tmp_path/'runs'})
+    assert out.returncode != 0 and 'lam = -1.0' in out.stderr + out.stdout and 'dynat_lambda' not in out.stderr + out.stdout
+
+
+def test_pipeline_parameter_cells_match_their_declared_defaults():
+    import ast
+    for name, defaults in PIPELINES.items():
+        nb = json.loads((REPO/'nbs'/f'{name}.ipynb').read_text())
+        cell = next(c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', []))
+        got = {n.targets[0].id: ast.literal_eval(n.value) if not isinstance(n.value, ast.BinOp) else eval(compile(ast.Expression(n.value), '', 'eval'))
+               for n in ast.parse(''.join(cell['source'])).body}
+        assert got == defaults, (name, {k for k in set(got) | set(defaults) if got.get(k) != defaults.get(k)})
+
+
+def test_relative_data_paths_resolve_against_the_settings_file_from_any_folder(monkeypatch):
+    monkeypatch.setenv('RBLAB_DATA', 'some/data')
+    monkeypatch.chdir(REPO/'nbs')
+    assert settings().data_dir == REPO/'some'/'data'
+
+
+def test_run_files_get_ordinary_permissions(tmp_path):
+    run = train(run_name='perm', runs_dir=str(tmp_path), epochs=1, n_train=64, n_eval=32, n_report=32, progress=False, width=8)
+    mask = os.umask(0o022); os.umask(mask)
+    for f in ['config.json', 'metrics.jsonl', 'report.json', 'checkpoints/last.pt']:
+        assert (run.dir/f).stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_readme_outputs_are_ignored():
+    out = subprocess.run(['git', 'check-ignore', 'out.ipynb', 'nbs/out.ipynb'], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.split() == ['out.ipynb', 'nbs/out.ipynb']
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def test_open_run_and_save_through_the_jupyter_server_leaves_git_clean(tmp_path):
+    "What the lab does to a notebook (kernel metadata of another Python, outputs, execution counts) never reaches nbs/."
+    import shutil, time, urllib.request
+    repo = tmp_path/'repo'; (repo/'nbs').mkdir(parents=True)
+    for nb in ('12_afa.ipynb', 'train.ipynb'): shutil.copy(REPO/'nbs'/nb, repo/'nbs'/nb)
+    shutil.copy(REPO/'.gitignore', repo/'.gitignore')
+    git = lambda *a: subprocess.run(['git', '-C', str(repo), *a], capture_output=True, text=True, check=True).stdout
+    git('init', '-q'); git('add', '.'); git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'clean')
+    port, token = _free_port(), 'rblab-test'
+    env = {**os.environ, 'JUPYTER_CONFIG_PATH': str(REPO/'.jupyter'), 'JUPYTER_RUNTIME_DIR': str(tmp_path/'rt')}
+    server = subprocess.Popen([str(BIN/'jupyter'), 'server', '--no-browser', f'--port={port}', '--ip=127.0.0.1', '--allow-root',
+                               f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={repo}'],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def call(method, path, body=None):
+        req = urllib.request.Request(f'http://127.0.0.1:{port}/api/contents/{path}', method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={'Authorization': f'token {token}', 'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=30) as r: return json.loads(r.read())
+    try:
+        for _ in range(120):
+            try: call('GET', 'nbs'); break
+            except OSError: time.sleep(0.5)
+        else: pytest.fail(f'jupyter server did not start: {server.stderr.read() if server.poll() is not None else ""}')
+        for nb in ('12_afa.ipynb', 'train.ipynb'):
+            model = call('GET', f'nbs/{nb}')
+            content = model['content']
+            content['metadata']['kernelspec']['display_name'] = 'Python 3 (ipykernel)'
+            content['metadata']['language_info']['version'] = '3.12.9'
+            content['metadata']['widgets'] = {'application/vnd.jupyter.widget-state+json': {'state': {}}}
+            code = [c for c in content['cells'] if c['cell_type'] == 'code']
+            for i, cell in enumerate(code):
+                cell['execution_count'] = i + 1
+                cell['metadata']['execution'] = {'iopub.status.busy': '2026-11-30T00:00:00Z'}
+                cell['outputs'] = [{'output_type': 'stream', 'name': 'stdout', 'text': 'ran\n'}]
+            call('PUT', f'nbs/{nb}', {'type': 'notebook', 'format': 'json', 'content': content})
+            saved = json.loads((repo/'nbs'/nb).read_text())
+            assert all(c['outputs'] == [] for c in saved['cells'] if c['cell_type'] == 'code')  # the save did happen
+        assert git('status', '--porcelain') == '', git('diff')[:3000]
+    finally:
+        server.terminate(); server.wait(timeout=30)
