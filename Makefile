@@ -28,6 +28,7 @@ venv:
 	  $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]" > $(VENV)/install.log 2>&1 \
 	    || { tail -40 $(VENV)/install.log; echo "pip install failed; full log in $(VENV)/install.log"; exit 1; }; \
 	  $(BIN)/python -c "import robustbench_lab, torch, papermill, pyautoattack" ; \
+	  $(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name python3 > /dev/null; \
 	  echo "$$h" > $(STAMP); \
 	fi
 
@@ -66,8 +67,10 @@ test: venv
 	$(MAKE) --no-print-directory nbtest
 	$(MAKE) --no-print-directory pytest
 
+# .jupyter/ holds the clean-on-save hook: saving a notebook under nbs/ never writes outputs, execution counts or
+# another Python's kernel metadata into it. The kernelspec installed above is named as nbdev-clean writes it.
 lab: venv
-	$(BIN)/jupyter lab
+	JUPYTER_CONFIG_PATH=$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH} $(BIN)/jupyter lab
 
 export: venv
 	$(BIN)/nbdev-export
