@@ -9,6 +9,7 @@ import configparser
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -19,9 +20,9 @@ import torch
 
 # %% auto #0
 __all__ = ['SETTINGS_SECTION', 'ENV_VARS', 'DEFAULT_SETTINGS', 'ConfigError', 'check', 'check_list', 'find_settings_file',
-           'Settings', 'settings', 'available_devices', 'get_device', 'seed_everything', 'get_rng_state',
-           'set_rng_state', 'mix_seed', 'RandomScope', 'random_scope', 'random_subset', 'sample_rand', 'sample_randn',
-           'shared_rand', 'shared_generator', 'sample_rows', 'atomic_write']
+           'Settings', 'settings', 'available_devices', 'get_device', 'keep_freed_memory', 'seed_everything',
+           'get_rng_state', 'set_rng_state', 'mix_seed', 'RandomScope', 'random_scope', 'random_subset', 'sample_rand',
+           'sample_randn', 'shared_rand', 'shared_generator', 'sample_rows', 'atomic_write']
 
 # %% ../nbs/00_core.ipynb #5da0b6dd
 class ConfigError(ValueError):
@@ -138,7 +139,7 @@ class Settings:
     eval_n: int # default number of evaluation points
     source: dict = field(default_factory=dict) # setting -> 'argument' | 'env RBLAB_...' | 'settings.ini <path>' | 'default'
 
-
+# %% ../nbs/00_core.ipynb #fbaa8cc8
 def settings(data_dir:str|Path|None=None, # overrides everything else
              runs_dir:str|Path|None=None, # overrides everything else
              device:str|None=None, # overrides everything else
@@ -207,6 +208,23 @@ def get_device(device:str|torch.device|None=None, # 'auto', 'cpu', 'cuda', 'cuda
     elif dev.type not in ('cpu', 'cuda', 'mps'):
         raise ConfigError(f"device = {device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; available here: {avail}")
     return dev
+
+# %% ../nbs/00_core.ipynb #8a4fcd7e
+def keep_freed_memory(mmap_threshold:int=32 << 20, # blocks below this come from the heap (glibc's largest: 32 MiB on 64-bit)
+                      trim_threshold:int=2**31 - 1, # free heap memory kept before any is returned to the system
+                     ) -> bool:
+    "Make glibc reuse freed large blocks instead of returning and re-faulting them; False where that is not glibc."
+    global _KEPT
+    if _KEPT or sys.platform != 'linux': return _KEPT
+    import ctypes, ctypes.util
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError: return False
+    if not hasattr(libc, 'mallopt'): return False  # musl and other C libraries
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    _KEPT = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    return _KEPT
+
+_KEPT = False
 
 # %% ../nbs/00_core.ipynb #3981d44c
 def seed_everything(seed:int, # the run's seed
@@ -302,7 +320,7 @@ def random_subset(rows:torch.Tensor # which rows of the current batch the enclos
     try: yield
     finally: _SCOPE.reset(token)
 
-
+# %% ../nbs/00_core.ipynb #83aa340d
 def _draw(kind, shape, device, dtype):
     s = _SCOPE.get()
     if s is None: return None

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .attacks import (FGSM, MIM, PGD, Attack, CWInf, attack_mode)
 from . import distributed
-from .core import ConfigError, atomic_write, check, check_list, random_scope
+from .core import ConfigError, atomic_write, check, check_list, keep_freed_memory, random_scope
 
 # %% auto #0
 __all__ = ['AA_VERSIONS', 'AA_ATTACKS', 'PAPER_EPS', 'SUITES', 'run_autoattack', 'autoattack', 'AA', 'Square', 'TransferAttack',
@@ -48,7 +48,7 @@ def _model_device(model):
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device('cpu')
 
-
+# %% ../nbs/04_evaluate.ipynb #7d26c759
 def run_autoattack(model:nn.Module, x:torch.Tensor, y:torch.Tensor, eps:float, norm:str='Linf', version:str='standard',
                    attacks:Sequence[str]|None=None, seed:int=0, batch_size:int=250, state_path:str|Path|None=None,
                    n_iter:int|None=None, n_restarts:int|None=None, n_target_classes:int|None=None, n_queries:int|None=None):
@@ -111,7 +111,7 @@ def run_autoattack(model:nn.Module, x:torch.Tensor, y:torch.Tensor, eps:float, n
         adversary.attacks_to_run = plan
     return state['x_adv'].to(device), state['robust'].to(device), handler.messages
 
-
+# %% ../nbs/04_evaluate.ipynb #36e625bd
 def _digest(x): return torch.tensor([float(x.double().sum()), float((x.double()**2).sum())])
 
 
@@ -262,7 +262,7 @@ def make_suite(name:str, # 'hfat', 'dynat', 'afa', 'f2at' or 'monitor'
 def _bits(t:torch.Tensor) -> str: return ''.join('1' if b else '0' for b in t.tolist())
 def _unbits(s:str) -> torch.Tensor: return torch.tensor([c == '1' for c in s], dtype=torch.bool)
 
-
+# %% ../nbs/04_evaluate.ipynb #8893016e
 @dataclass
 class Report:
     "Per-sample evaluation results of one model under a suite of attacks, with timings and sanity flags."
@@ -428,7 +428,7 @@ def craft(attack:Attack, model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_
     "Adversarial examples of `attack` against `model` for all of (x, y), in batches (float [0, 1] inputs)."
     return torch.cat([attack(model, x[s], y[s]) for s in _slices(len(x), batch_size)])
 
-
+# %% ../nbs/04_evaluate.ipynb #3f23a5db
 def model_correct(model, x, y) -> torch.Tensor:
     "Per-sample correctness of `model` (eval mode) on `x`."
     with torch.no_grad(), attack_mode(model, 'eval'): return model(x).argmax(1) == y
@@ -453,7 +453,7 @@ def _resolve(suite, eps, model, seed):
         if not callable(a): raise ConfigError(f'suite: {a!r} is neither an attack name nor an attack')
     return attacks, 'custom'
 
-
+# %% ../nbs/04_evaluate.ipynb #6a60f975
 def evaluate(model:nn.Module, # classifier on [0, 1] images; put in eval mode for the evaluation, restored after
              x:torch.Tensor, # test images, uint8 or float in [0, 1], official order
              y:torch.Tensor, # labels
@@ -482,6 +482,7 @@ def evaluate(model:nn.Module, # classifier on [0, 1] images; put in eval mode fo
         _check_picklable(model, suite)
         return distributed.launch(evaluate_worker, (model, x[:n], y[:n], kw), nproc=nproc)
     device = _model_device(model)
+    if device.type == 'cpu': keep_freed_memory()  # activations reused, not re-faulted (see 00_core)
     x, y = _as_float(x[:n]).to(device), y[:n].to(device).long()
     if check('channels_last', channels_last, bool):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -494,7 +495,7 @@ def evaluate(model:nn.Module, # classifier on [0, 1] images; put in eval mode fo
                    date=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__), **(meta or {})}
     return Report(clean=clean.cpu(), robust=robust, seconds=seconds, attacks=meta_attacks, flags=flags, meta=info)
 
-
+# %% ../nbs/04_evaluate.ipynb #cf4617d0
 def _run_suite(model, x, y, attacks, batch_size, seed, checks, mode, progress, device):
     "Clean pass, every attack on the clean-correct (or still-robust) points, then the sanity checks."
     n = len(x)

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import ConfigError, atomic_write, check, check_list, get_device, get_rng_state, random_scope, set_rng_state
+from .core import (ConfigError, atomic_write, check, check_list, get_device, get_rng_state, keep_freed_memory,
+                                  random_scope, set_rng_state)
 from .data import Loader
 from .methods import Method
 
@@ -32,7 +33,7 @@ SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cosine_epoch', 'cycli
 
 def _cos_anneal(start, end, pct): return end + (start - end)/2*(1 + math.cos(math.pi*pct))
 
-
+# %% ../nbs/07_learner.ipynb #938a5fee
 class Schedule:
     "Learning rate (and, for `onecycle`, momentum) as a function of (epoch, batch) for one of `SCHEDULES`."
     def __init__(self, kind:str, # one of SCHEDULES
@@ -268,6 +269,7 @@ class Learner(TrainingLoop):
                  sync_bn:bool=False, # in a process group: BatchNorm on global-batch statistics (exactness); else per process
                 ):
         self.device = get_device(device)
+        if self.device.type == 'cpu': keep_freed_memory()  # activations reused, not re-faulted (see 00_core)
         self.epochs = check('epochs', epochs, int, lo=1)
         check('momentum', momentum, float, lo=0, hi=1, hi_open=True); check('weight_decay', weight_decay, float, lo=0)
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule, lr, epochs)
@@ -396,7 +398,7 @@ class AccuracyCB(Callback):
                                 for i in range(0, len(x), self.batch_size)])
                 learn.record[f'{name}_{split}_acc' if name else f'{split}_acc'] = ok.float().mean().item()
 
-
+# %% ../nbs/07_learner.ipynb #b89c587a
 class MetricsCB(Callback):
     "Rewrites `metrics.jsonl` (one JSON line per epoch; a failure record last when training diverged) atomically, on rank 0."
     order = 20
@@ -440,7 +442,7 @@ class StepLogCB(Callback):
 
     after_fail = after_fit
 
-
+# %% ../nbs/07_learner.ipynb #9ae7b858
 class CheckpointCB(Callback):
     "Writes `last.pt` after every epoch (and every `every` steps), and `best.pt` when the monitored metric improves."
     order = 30
@@ -489,7 +491,7 @@ class CheckpointCB(Callback):
 
     def load_state_dict(self, s): self.best, self.best_epoch = s['best'], s['best_epoch']
 
-
+# %% ../nbs/07_learner.ipynb #83e26d89
 class ProgressCB(Callback):
     "tqdm progress bar per epoch (loss and img/s; renders in JupyterLab and terminals) and a one-line epoch summary."
     order = 25
