@@ -59,7 +59,7 @@ def oat_step(xi:float, steps:int=7) -> float:
     "OAT's PGD step for radius ξ: min(1.25ξ, ξ + 4/255)/steps."
     return min(1.25*xi, xi + 4/255)/steps
 
-
+# %% ../nbs/12_afa.ipynb #7a0fc123
 class AFA(Method):
     "AFA Stage I: the base objective's adversarial loss on each BN branch k at strength ξ_k, plus clean CE on branch 0."
     name = 'afa'
@@ -157,7 +157,7 @@ def _replace(model, old, new):
         if _replace(child, old, new): return True
     return False
 
-
+# %% ../nbs/12_afa.ipynb #416e9e72
 class AFAModel(nn.Module):
     "The deployable AFA classifier: the frozen dual-BN backbone whose BNs are fused per input by weight generators."
     def __init__(self, backbone:nn.Module, # a Stage I model (K-branch MultiBN) or an already fused 2-branch one
@@ -356,7 +356,7 @@ def oat_model(arch:str, dataset:str, normalize:bool=True, **kw) -> OATModel:
         if isinstance(m, FiLMBN) and '.shortcut.' in f'.{name}.': m.film = None  # the code's bn_sc is a DualBN without FiLM
     return OATModel(net)
 
-
+# %% ../nbs/12_afa.ipynb #968fbde3
 class OAT(Method):
     "Once-for-all AT: λ-weighted clean/adversarial CE with λ-conditioned dual BN and FiLM."
     name = 'oat'

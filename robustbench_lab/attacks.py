@@ -19,7 +19,8 @@ from .core import ConfigError, check, random_scope, sample_rand, sample_randn, s
 # %% auto #0
 __all__ = ['LOSSES', 'BN_MODES', 'INITS', 'ce_loss', 'cw_loss', 'cw_hinge_loss', 'kl_loss', 'dlr_loss', 'ThreatModel',
            'attack_mode', 'InputDiversity', 'gaussian_kernel', 'TranslationInvariance', 'VarianceTuning', 'Attack',
-           'IterativeAttack', 'FGSM', 'PGD', 'MIM', 'CWInf', 'TradesKL', 'MIFGSM', 'TIFGSM', 'DIFGSM', 'VMIFGSM']
+           'AttackSteps', 'IterativeAttack', 'FGSM', 'PGD', 'MIM', 'CWInf', 'TradesKL', 'MIFGSM', 'TIFGSM', 'DIFGSM',
+           'VMIFGSM']
 
 # %% ../nbs/03_attacks.ipynb #727462c0
 def ce_loss(logits, y, clean_logits=None):
@@ -178,51 +179,9 @@ class Attack:
         return f'{self.name}(' + ', '.join(f'{k}={getattr(self, k):.4g}' if isinstance(getattr(self, k), float)
                                             else f'{k}={getattr(self, k)!r}' for k in keys) + ')'
 
-
-class IterativeAttack(Attack):
-    "The shared iterative gradient attack: pluggable loss, init, step rule and transforms; early stop; restarts."
-    def __init__(self,
-                 eps:float=8/255, # radius of the threat model
-                 alpha:float|None=None, # step size; None: eps/4
-                 steps:int=10, # iterations
-                 norm:str='Linf', # 'Linf' or 'L2'
-                 loss:str|Callable='ce', # 'ce', 'cw', 'kl', 'dlr' or f(logits, y, clean_logits) -> (N,)
-                 init:str='uniform', # 'none', 'uniform' (in the ball) or 'normal' (TRADES: std `init_std`)
-                 init_std:float=0.001, # std of the 'normal' init
-                 step:str|None=None, # 'sign' or 'l2'; None: 'sign' for Linf, 'l2' for L2
-                 momentum:float=0.0, # μ of MI-FGSM: g ← μ·g + ∇/‖∇‖₁ (0: plain steps)
-                 input_transform:Callable|None=None, # x -> x before each gradient forward (e.g. InputDiversity)
-                 grad_transform:Callable|None=None, # (g, x_adv, grad_fn, state) -> g (TranslationInvariance, VarianceTuning)
-                 restarts:int=1, # random restarts; the worst case per sample is kept
-                 early_stop:bool=False, # stop updating a sample once it is misclassified
-                 targeted:bool=False, # y is the target: descend the loss instead
-                 bn_mode:str='eval', # BN mode during the attack: 'eval', 'train' or 'keep'
-                 seed:int|None=None, # key the random parts on this seed (a `random_scope` of its own); None: the enclosing scope's
-                 clip_start:bool=True, # project the random start onto the ball and [0, 1]; False: the TRADES-family code's raw x + 0.001·N(0, I)
-                 select_forward:bool=False, # one more forward after the last step even with one restart (Rice/AWP/HFAT `attack_pgd`; train mode: a BN update)
-                 name:str|None=None, # label in reports
-                ):
-        self.threat = ThreatModel(norm, eps)
-        self.eps, self.norm = self.threat.eps, norm
-        self.alpha = check('alpha', eps/4 if alpha is None else alpha, float, lo=0)
-        self.steps = check('steps', steps, int, lo=1)
-        if isinstance(loss, str): check('loss', loss, str, choices=LOSSES)
-        elif not callable(loss): raise ConfigError(f'loss = {loss!r}: expected one of {list(LOSSES)} or a callable')
-        self.loss_name, self.loss_fn = (loss, LOSSES[loss]) if isinstance(loss, str) else (getattr(loss, '__name__', 'custom'), loss)
-        self.init = check('init', init, str, choices=INITS)
-        self.init_std = check('init_std', init_std, float, lo=0)
-        self.step = check('step', step or ('sign' if norm == 'Linf' else 'l2'), str, choices=['sign', 'l2'])
-        self.momentum = check('momentum', momentum, float, lo=0)
-        self.input_transform, self.grad_transform = input_transform, grad_transform
-        if early_stop and grad_transform is not None:
-            raise ConfigError('early_stop = True cannot be combined with a grad_transform (it needs whole-batch gradients)')
-        self.restarts = check('restarts', restarts, int, lo=1)
-        self.early_stop, self.targeted = check('early_stop', early_stop, bool), check('targeted', targeted, bool)
-        self.bn_mode = check('bn_mode', bn_mode, str, choices=BN_MODES)
-        self.seed = check('seed', seed, int, lo=0, allow_none=True)
-        self.clip_start, self.select_forward = check('clip_start', clip_start, bool), check('select_forward', select_forward, bool)
-        self.name = name or self.name
-
+# %% ../nbs/03_attacks.ipynb #34b33378
+class AttackSteps:
+    "The steps of `IterativeAttack`: its start, losses and one restart (the configuration lives in `IterativeAttack`)."
     # -- pieces ------------------------------------------------------------------------------------
     def _start(self, x, eps):
         "Starting point (keyed draws, see `random_scope`); `eps` is a float or a per-sample tensor of shape (N, 1, ..., 1)."
@@ -288,6 +247,52 @@ class IterativeAttack(Attack):
                 idx = idx[alive]
                 if len(idx) == 0: break
         return x_adv.detach(), kappa
+
+# %% ../nbs/03_attacks.ipynb #9c0d36b5
+class IterativeAttack(AttackSteps, Attack):
+    "The shared iterative gradient attack: pluggable loss, init, step rule and transforms; early stop; restarts."
+    def __init__(self,
+                 eps:float=8/255, # radius of the threat model
+                 alpha:float|None=None, # step size; None: eps/4
+                 steps:int=10, # iterations
+                 norm:str='Linf', # 'Linf' or 'L2'
+                 loss:str|Callable='ce', # 'ce', 'cw', 'kl', 'dlr' or f(logits, y, clean_logits) -> (N,)
+                 init:str='uniform', # 'none', 'uniform' (in the ball) or 'normal' (TRADES: std `init_std`)
+                 init_std:float=0.001, # std of the 'normal' init
+                 step:str|None=None, # 'sign' or 'l2'; None: 'sign' for Linf, 'l2' for L2
+                 momentum:float=0.0, # μ of MI-FGSM: g ← μ·g + ∇/‖∇‖₁ (0: plain steps)
+                 input_transform:Callable|None=None, # x -> x before each gradient forward (e.g. InputDiversity)
+                 grad_transform:Callable|None=None, # (g, x_adv, grad_fn, state) -> g (TranslationInvariance, VarianceTuning)
+                 restarts:int=1, # random restarts; the worst case per sample is kept
+                 early_stop:bool=False, # stop updating a sample once it is misclassified
+                 targeted:bool=False, # y is the target: descend the loss instead
+                 bn_mode:str='eval', # BN mode during the attack: 'eval', 'train' or 'keep'
+                 seed:int|None=None, # key the random parts on this seed (a `random_scope` of its own); None: the enclosing scope's
+                 clip_start:bool=True, # project the random start onto the ball and [0, 1]; False: the TRADES-family code's raw x + 0.001·N(0, I)
+                 select_forward:bool=False, # one more forward after the last step even with one restart (Rice/AWP/HFAT `attack_pgd`; train mode: a BN update)
+                 name:str|None=None, # label in reports
+                ):
+        self.threat = ThreatModel(norm, eps)
+        self.eps, self.norm = self.threat.eps, norm
+        self.alpha = check('alpha', eps/4 if alpha is None else alpha, float, lo=0)
+        self.steps = check('steps', steps, int, lo=1)
+        if isinstance(loss, str): check('loss', loss, str, choices=LOSSES)
+        elif not callable(loss): raise ConfigError(f'loss = {loss!r}: expected one of {list(LOSSES)} or a callable')
+        self.loss_name, self.loss_fn = (loss, LOSSES[loss]) if isinstance(loss, str) else (getattr(loss, '__name__', 'custom'), loss)
+        self.init = check('init', init, str, choices=INITS)
+        self.init_std = check('init_std', init_std, float, lo=0)
+        self.step = check('step', step or ('sign' if norm == 'Linf' else 'l2'), str, choices=['sign', 'l2'])
+        self.momentum = check('momentum', momentum, float, lo=0)
+        self.input_transform, self.grad_transform = input_transform, grad_transform
+        if early_stop and grad_transform is not None:
+            raise ConfigError('early_stop = True cannot be combined with a grad_transform (it needs whole-batch gradients)')
+        self.restarts = check('restarts', restarts, int, lo=1)
+        self.early_stop, self.targeted = check('early_stop', early_stop, bool), check('targeted', targeted, bool)
+        self.bn_mode = check('bn_mode', bn_mode, str, choices=BN_MODES)
+        self.seed = check('seed', seed, int, lo=0, allow_none=True)
+        self.clip_start, self.select_forward = check('clip_start', clip_start, bool), check('select_forward', select_forward, bool)
+        self.name = name or self.name
+
 
     def with_budget(self, eps:float, alpha:float, steps:int, name:str|None=None) -> 'IterativeAttack':
         "A copy with another radius, step and iteration count, keeping the loss, init, step rule and BN mode."
@@ -391,7 +396,7 @@ class TIFGSM(MIFGSM):
     def __init__(self, eps:float=8/255, kernel_size:int=5, nsig:float=3.0, **kw):
         super().__init__(eps=eps, grad_transform=TranslationInvariance(kernel_size, nsig), **kw)
 
-
+# %% ../nbs/03_attacks.ipynb #99e4a030
 class DIFGSM(MIFGSM):
     "DI-FGSM: MI-FGSM on randomly resized-and-padded inputs (p = 0.5, to 36/32 of the size)."
     name = 'DI-FGSM'

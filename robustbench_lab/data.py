@@ -178,7 +178,7 @@ def read_idx(path:Path, verify:bool) -> np.ndarray:
     if arr.size != int(np.prod(shape)): raise ValueError(f'{path}: truncated ({arr.size} of {int(np.prod(shape))} bytes)')
     return arr.reshape(shape).copy()  # frombuffer views are read-only
 
-
+# %% ../nbs/01_data.ipynb #2e233d66
 def read_tinyimagenet(root:Path, split:str) -> tuple[np.ndarray, np.ndarray]:
     "The official `tiny-imagenet-200` folder; labels index `wnids.txt` sorted; 'test' is the labelled `val` split."
     from PIL import Image
@@ -291,7 +291,7 @@ _cache: dict = {}
 def _source_tag(files):
     return tuple((str(p), p.stat().st_mtime_ns) for p in files if p.is_file())
 
-
+# %% ../nbs/01_data.ipynb #8d29d002
 def load_arrays(name:str, # dataset: cifar10, cifar100, svhn, tinyimagenet, fashionmnist, digits
                 split:str, # 'train' or 'test'
                 data_dir:str|Path|None=None, # dataset cache; default from settings (RBLAB_DATA, settings.ini)
@@ -397,7 +397,7 @@ class BatchInfo(NamedTuple):
     total: int
     rows: slice
 
-
+# %% ../nbs/01_data.ipynb #20b94392
 class Loader:
     "Batches `(x, y)` of float [0, 1] images and labels, already on the device, with seeded shuffling and augmentation."
     def __init__(self,
@@ -459,7 +459,7 @@ class Loader:
 
     def __iter__(self): return self.batches(self.epoch)
 
-
+# %% ../nbs/01_data.ipynb #71705342
 def default_augment(name:str, # dataset name
                     mode:str='constant', # padding mode
                    ) -> CropFlip:

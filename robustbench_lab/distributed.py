@@ -148,7 +148,7 @@ def reduce_grads_(params:list):
         if p.grad is None: p.grad = torch.zeros_like(p)
     all_reduce_sum_([p.grad for p in params])
 
-
+# %% ../nbs/09_distributed.ipynb #90f4f87c
 def average_logs(logs:dict) -> dict:
     "Per-step scalar logs as global-batch values: each process's value weighted by its share, summed."
     if not active() or not logs: return logs
@@ -268,7 +268,7 @@ def _worker_log(log_dir:str, rank:int, name:str='stderr.log', lines:int=15) -> s
     text = Path(paths[0]).read_text(errors='replace').strip().splitlines()
     return '\n'.join(text[-lines:])
 
-
+# %% ../nbs/09_distributed.ipynb #bb44f5c5
 def launch(fn:Callable, # a module-level function, run in every process
            args:tuple=(), # its arguments (picklable)
            nproc:int=2, # processes on this machine
@@ -325,7 +325,7 @@ def _worker_main(payload:str, result:str):
         dist.barrier()  # nobody tears the group down while another process still uses it
         dist.destroy_process_group()
 
-
+# %% ../nbs/09_distributed.ipynb #87d28d8f
 if __name__ == '__main__' and 'IPython' not in sys.modules and len(sys.argv) == 3:  # `python -m robustbench_lab.distributed PAYLOAD RESULT`
     _worker_main(sys.argv[1], sys.argv[2])
 

@@ -36,7 +36,7 @@ def dynamic_labels(guide:nn.Module, # the guide model
 # %% ../nbs/11_dynat.ipynb #ee791a9b
 INNERS = ('trades', 'dynamic', 'label')
 
-
+# %% ../nbs/11_dynat.ipynb #fc138340
 class DYNAT(Method):
     "Dynamic-label AT: a jointly trained guide labels the clean inputs; the target is adversarially trained on those labels."
     name = 'dynat'

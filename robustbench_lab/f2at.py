@@ -177,7 +177,7 @@ def pretrain_estimators(model:nn.Module, # a PGD-AT model (kept frozen, eval mod
 ABLATIONS = (None, 'no_patterns', 'no_margin', 'no_pd')
 MODES = ('frozen', 'online', 'target')
 
-
+# %% ../nbs/13_f2at.ipynb #b0fc24e8
 class F2AT(Method):
     "Feature-focusing AT: CE on PGD examples + α·L_pd (MI contrast of natural vs perturbed patterns) + γ·margin on the natural pattern."
     name = 'f2at'

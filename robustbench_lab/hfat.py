@@ -178,7 +178,7 @@ class HFAT(Method):
                 f'r~N({self.r_mean}, {self.r_std}), lt={self.lt}, gamma={self.gamma}, weighting={self.weighting!r}, '
                 f'awp_gamma={self.awp_gamma})')
 
-
+# %% ../nbs/10_hfat.ipynb #9448c53b
 def hfat_paper(objective:Objective, **kw) -> HFAT:
     "HFAT with the paper's settings: Table 1's 5 standard-branch steps and eq. 6's (batch-mean) weights."
     return HFAT(objective, **{**dict(steps_s=5, weighting='paper'), **kw})

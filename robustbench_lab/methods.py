@@ -59,7 +59,7 @@ def relative_direction(model:nn.Module, # the model whose weights will be pertur
     scale = torch._foreach_div(torch._foreach_norm(w), torch._foreach_add(torch._foreach_norm(g), 1e-20))
     return list(zip([p for p, _ in pairs], torch._foreach_mul(g, scale)))
 
-
+# %% ../nbs/06_methods.ipynb #c6ed9351
 class WeightPerturbation:
     "Adds γ·d to weights; `restore` puts the exact saved weights back, `remove` subtracts γ·d (AWP's step-then-restore)."
     def __init__(self, pairs:list, # (parameter, direction) from `relative_direction`
@@ -137,7 +137,7 @@ class Method:
 
     def __repr__(self): return f'{type(self).__name__}({self.objective!r})'
 
-
+# %% ../nbs/06_methods.ipynb #2cf05e99
 class Standard(Method):
     "Plain adversarial training: the objective's loss on its own adversarial examples, one backward pass."
     name = 'standard'

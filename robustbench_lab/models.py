@@ -92,7 +92,7 @@ def _require_multibn(model):
     if not layers: raise ConfigError('model has no MultiBN layers: build it with norm_layer=partial(MultiBN, K=...)')
     return layers
 
-
+# %% ../nbs/02_models.ipynb #f5622455
 def set_bn_branch(model:nn.Module, k:int):
     "Make branch `k` active in every `MultiBN` of `model`."
     for m in _require_multibn(model): m.set_branch(k)
@@ -201,7 +201,7 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn2(self.conv2(out)))
         return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
-
+# %% ../nbs/02_models.ipynb #572c05ed
 class ResNet(ImageClassifier):
     "CIFAR ResNet (He et al.) with the conv1/bn1/layer1..4/linear names of the common CIFAR code."
     def __init__(self, block, num_blocks, num_classes=10, in_channels=3, norm_layer:NormLayer=nn.BatchNorm2d, normalize=None,
