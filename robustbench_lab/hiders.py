@@ -18,7 +18,8 @@ from .core import atomic_write, check, check_list
 from .learner import Callback
 
 # %% auto #0
-__all__ = ['hider_ratios', 'scale_intervals', 'HiderTracker', 'worst_case_hiders', 'fit_gaussian', 'hider_occurrence']
+__all__ = ['HIDER_TS', 'hider_ratios', 'correct_along', 'worst_along', 'scale_intervals', 'HiderTracker', 'worst_case_hiders',
+           'fit_gaussian', 'hider_occurrence']
 
 # %% ../nbs/20_hiders.ipynb #615227a6
 def hider_ratios(correct_then:torch.Tensor, # bool (N,): correct at epoch i (membership of D_i)
@@ -30,6 +31,39 @@ def hider_ratios(correct_then:torch.Tensor, # bool (N,): correct at epoch i (mem
     n_d, n_h = int(d.sum()), int(hid.sum())
     return dict(ratio=n_h/n_d if n_d else float('nan'), uncond=n_h/len(d), defended=n_d, hiders=n_h)
 
+# %% ../nbs/20_hiders.ipynb #9eb6317e
+HIDER_TS = torch.linspace(0.01, 1.0, 100)  # scan positions t on x + t·δ
+
+
+def _scan(model, x, y, delta, ts, batch_size, fn):
+    dev = next(model.parameters()).device
+    with torch.no_grad(), attack_mode(model, 'eval'):
+        return torch.stack([torch.cat([fn(model((x[s:s + batch_size].to(dev) + t*delta[s:s + batch_size].to(dev)).clamp(0, 1)),
+                                          y[s:s + batch_size].to(dev)).cpu() for s in range(0, len(x), batch_size)])
+                            for t in ts.tolist()])
+
+
+def correct_along(model:nn.Module, x:torch.Tensor, y:torch.Tensor, # the model at epoch i and its points (float [0, 1])
+                  delta:torch.Tensor, # the perturbations δ
+                  ts:torch.Tensor=HIDER_TS, batch_size:int=256) -> torch.Tensor:
+    "Bool (T, N): does `model` classify x + t·δ correctly, for every scan position t."
+    return _scan(model, x, y, delta, ts, batch_size, lambda z, yb: z.argmax(1) == yb)
+
+
+def worst_along(model_j:nn.Module, x:torch.Tensor, y:torch.Tensor, # the later model and the same points
+                delta:torch.Tensor, # the perturbations δ of epoch i
+                correct_i:torch.Tensor, # `correct_along` of epoch i's model
+                ts:torch.Tensor=HIDER_TS, batch_size:int=256) -> dict:
+    "Per point with a hider on x + t·δ: the t of the worst-case hider (largest CE under `model_j`), its CE and index."
+    ce = _scan(model_j, x, y, delta, ts, batch_size, lambda z, yb: torch.stack([F.cross_entropy(z, yb, reduction='none'),
+                                                                                 (z.argmax(1) != yb).float()], 1))
+    loss, wrong = ce[:, :, 0], ce[:, :, 1].bool()
+    loss = torch.where(correct_i & wrong, loss, torch.full_like(loss, -float('inf')))
+    best_ce, best = loss.max(0)  # first maximum: the smallest t among equal losses, as a forward scan keeps
+    found = torch.isfinite(best_ce)
+    t = ts[best][found]
+    return dict(t=t, r_code=1 - t, ce=best_ce[found], index=torch.arange(len(x))[found], n=len(x))
+
 # %% ../nbs/20_hiders.ipynb #a6f63b1b
 def scale_intervals(intervals, epochs:int, reference:int=200) -> list[int]:
     "The paper's intervals (of a `reference`-epoch run) scaled to `epochs`, at least 1, without repeats."
@@ -39,7 +73,7 @@ def scale_intervals(intervals, epochs:int, reference:int=200) -> list[int]:
         if s not in out and s < epochs: out.append(s)
     return out or [1]
 
-
+# %% ../nbs/20_hiders.ipynb #83fa309f
 class HiderTracker(Callback):
     "Per-epoch hider ratios (adversarial and natural, Fig. 2) of any training run, written into the epoch records."
     order = 12  # after EvalCB, before MetricsCB writes the record
@@ -52,6 +86,7 @@ class HiderTracker(Callback):
                  every:int=1, # track every `every` epochs
                  folder:str|Path|None=None, # where the buffer is persisted (hiders.pt); None: inside checkpoints
                  only_last:bool=False, # track only the final epochs needed for the intervals (a cheap end-of-run measure)
+                 positions:bool=False, # also record the worst-case hider positions t on each segment (Fig. 4) in hider_positions.pt
                  batch_size:int=256, seed:int=0):
         n = min(check('n', n, int, lo=1), len(x))
         self.x = (x[:n].float()/255 if x.dtype == torch.uint8 else x[:n].float())
@@ -60,8 +95,9 @@ class HiderTracker(Callback):
         self.raw_intervals = check_list('intervals', list(intervals), int, lo=1, min_length=1)
         self.scale, self.every = check('scale', scale, bool), check('every', every, int, lo=1)
         self.folder, self.batch_size, self.seed = Path(folder) if folder else None, batch_size, seed
-        self.buffer = {}  # epoch -> (x_adv fp16, correct_adv, correct_nat)
+        self.buffer = {}  # epoch -> (x_adv fp16, correct_adv, correct_nat, correct along the segment or None)
         self.intervals, self.only_last = list(self.raw_intervals), check('only_last', only_last, bool)
+        self.positions, self.found = check('positions', positions, bool), {}  # 'i+d' -> worst_along(...) of epochs i, i + d
 
     def before_fit(self, learn):
         self.intervals = scale_intervals(self.raw_intervals, learn.epochs) if self.scale else list(self.raw_intervals)
@@ -88,23 +124,32 @@ class HiderTracker(Callback):
         c_nat = self._predict(model, self.x) == self.y
         for d in self.intervals:
             if i - d not in self.buffer: continue
-            xa, ca, cn = self.buffer[i - d]
+            xa, ca, cn, along = self.buffer[i - d]
             adv = hider_ratios(ca, self._predict(model, xa.float()) == self.y)
             nat = hider_ratios(cn, c_nat)
             learn.record.update({f'hider_adv_d{d}': adv['ratio'], f'hider_nat_d{d}': nat['ratio'],
                                  f'hider_adv_uncond_d{d}': adv['uncond'], f'hider_nat_uncond_d{d}': nat['uncond'],
                                  f'hider_from_d{d}': i - d})
-        self.buffer[i] = (x_adv, c_adv, c_nat)
+            if along is not None:
+                self.found[f'{i - d}+{d}'] = worst_along(model, self.x, self.y, xa.float() - self.x, along, batch_size=self.batch_size)
+        along = correct_along(model, self.x, self.y, x_adv.float() - self.x, batch_size=self.batch_size) if self.positions else None
+        self.buffer[i] = (x_adv, c_adv, c_nat, along)
         for e in [e for e in self.buffer if e <= i - max(self.intervals)]: del self.buffer[e]
         learn.record['hider_defended'] = int(c_adv.sum())
         if self.folder is not None and distributed.is_main():
             with atomic_write(self.folder/'hiders.pt') as f: torch.save(self._pack(), f)
+            if self.positions:
+                with atomic_write(self.folder/'hider_positions.pt') as f: torch.save(self.found, f)
 
     def _pack(self):
-        return {str(e): dict(x_adv=v[0], correct_adv=v[1], correct_nat=v[2]) for e, v in self.buffer.items()}
+        return {str(e): dict(x_adv=v[0], correct_adv=v[1], correct_nat=v[2], **({'along': v[3]} if v[3] is not None else {}))
+                for e, v in self.buffer.items()}
 
     def _unpack(self, d, before):
-        self.buffer = {int(e): (v['x_adv'], v['correct_adv'], v['correct_nat']) for e, v in d.items() if int(e) < before}
+        self.buffer = {int(e): (v['x_adv'], v['correct_adv'], v['correct_nat'], v.get('along')) for e, v in d.items() if int(e) < before}
+        if self.positions and self.folder is not None and (self.folder/'hider_positions.pt').exists():
+            found = torch.load(self.folder/'hider_positions.pt', weights_only=True)
+            self.found = {k: v for k, v in found.items() if sum(map(int, k.split('+'))) < before}
 
     def state_dict(self):
         return dict(epochs=sorted(self.buffer)) if self.folder is not None else dict(buffer=self._pack())
@@ -124,27 +169,12 @@ def worst_case_hiders(model_i:nn.Module, # the model at epoch i (the attack dire
                       ts:torch.Tensor|None=None, # scan positions (default 0.01, 0.02, ..., 1.00)
                       batch_size:int=256, seed:int=0) -> dict:
     "For each point with at least one hider on x + t·δ, the t of the worst-case hider (max CE under model_j)."
-    ts = torch.linspace(0.01, 1.0, 100) if ts is None else ts
+    ts = HIDER_TS if ts is None else ts
     dev = next(model_i.parameters()).device
-    t_best, ce_best, idx = [], [], []
     atk = PGD(eps=eps, alpha=alpha, steps=steps, seed=seed)
-    for s in range(0, len(x), batch_size):
-        xb, yb = x[s:s + batch_size].to(dev), y[s:s + batch_size].to(dev)
-        delta = atk(model_i, xb, yb) - xb
-        best_ce = torch.full((len(xb),), -float('inf'), device=dev)
-        best_t = torch.full((len(xb),), float('nan'), device=dev)
-        with torch.no_grad(), attack_mode(model_i, 'eval'), attack_mode(model_j, 'eval'):
-            for t in ts.tolist():
-                xt = (xb + t*delta).clamp(0, 1)
-                zj = model_j(xt)
-                hider = (model_i(xt).argmax(1) == yb) & (zj.argmax(1) != yb)
-                ce = F.cross_entropy(zj, yb, reduction='none')
-                better = hider & (ce > best_ce)
-                best_ce, best_t = torch.where(better, ce, best_ce), torch.where(better, torch.full_like(best_t, t), best_t)
-        found = ~torch.isnan(best_t)
-        t_best.append(best_t[found].cpu()); ce_best.append(best_ce[found].cpu()); idx.append(torch.arange(s, s + len(xb))[found.cpu()])
-    t = torch.cat(t_best)
-    return dict(t=t, r_code=1 - t, ce=torch.cat(ce_best), index=torch.cat(idx), n=len(x))
+    delta = torch.cat([(atk(model_i, x[s:s + batch_size].to(dev), y[s:s + batch_size].to(dev)) - x[s:s + batch_size].to(dev)).cpu()
+                       for s in range(0, len(x), batch_size)])
+    return worst_along(model_j, x, y, delta, correct_along(model_i, x, y, delta, ts, batch_size), ts, batch_size)
 
 
 def fit_gaussian(values) -> tuple[float, float]:

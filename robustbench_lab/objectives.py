@@ -82,7 +82,7 @@ def check_forwards(forwards) -> tuple:
         raise ConfigError(f"forwards = {forwards!r}: expected 'clean' and 'adv' in the code's order, e.g. ('clean', 'adv', 'clean')")
     return forwards
 
-
+# %% ../nbs/05_objectives.ipynb #641ebdcb
 def ordered_forwards(model, model_adv, x, x_adv, forwards) -> tuple:
     "Clean and adversarial logits from train-mode forwards in the given order; a repeated input is forwarded again without a graph."
     out = {}
@@ -256,7 +256,7 @@ class GAIRAT(Objective):
         lam = self.current_lambda()
         if lam is None:
             loss = ce.mean()
-            return loss, dict(loss=loss.item(), lam=float('nan'))
+            return loss, dict(loss=loss.item())  # no λ before reweighting starts (a NaN here would read as divergence)
         st = stats or self.last_stats
         if 'kappa' not in st or len(st['kappa']) != len(y):
             raise ConfigError('GAIRAT.loss needs the GA-PGD counts from GAIRAT.perturb on the same batch')

@@ -14,8 +14,10 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,11 +40,11 @@ from .models import ARCHS, KNOWN_ARCHS, _WRN, MultiBN, create_model
 from .objectives import OBJECTIVES, make_objective
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'METHOD_NAMES', 'PRESETS', 'PRESET_METHOD', 'PIPELINES',
-           'PIPELINE_NAMES', 'unknown_names_error', 'apply_preset', 'resolve_config', 'build_model', 'rice_code',
-           'build_objective', 'build_method', 'Run', 'run_or_tiny', 'scale_note', 'TrainResult', 'stored_config',
-           'run_state', 'method_probes', 'worker_train', 'train', 'pipeline_values', 'speaking', 'pipeline_params',
-           'run_pipeline_notebook', 'run_pipeline', 'notebook_parameters', 'main', 'cli_train']
+__all__ = ['DEFAULTS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'METHOD_NAMES', 'PRESETS', 'PRESET_METHOD', 'F2AT_LOGITS_UNSTABLE',
+           'PIPELINES', 'PIPELINE_NAMES', 'unknown_names_error', 'apply_preset', 'resolve_config', 'build_model',
+           'rice_code', 'build_objective', 'build_method', 'Run', 'run_or_tiny', 'scale_note', 'TrainResult',
+           'stored_config', 'run_state', 'method_probes', 'worker_train', 'train', 'pipeline_values', 'speaking',
+           'pipeline_params', 'run_pipeline_notebook', 'run_pipeline', 'notebook_parameters', 'main', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #9cf30c07
 DEFAULTS = dict(
@@ -75,7 +77,7 @@ DEFAULTS = dict(
     # mechanism probes (AFA Stage II, F²AT): measured every `probe_every` epochs on the first `probe_n` test points
     probes=True, probe_n=256, probe_every=1,
     # hider tracking (any method): full per-epoch tracking, or (default) the end-of-run ratio only
-    hiders=False, hider_n=200, hider_intervals=None, keep_epochs=None,
+    hiders=False, hider_n=200, hider_intervals=None, hider_positions=False, keep_epochs=None,
     # data, evaluation, reporting
     seed=0, n_train=None, n_eval=200, eval_every=1, suite='monitor', n_report=None, report_best=False, best_after=0, patience=None,
     # machine, processes and run folder
@@ -197,14 +199,9 @@ def apply_preset(params:dict) -> dict:
     cfg.update(params)
     return cfg
 
-
-def resolve_config(**params) -> dict:
-    "Validate `params` (with preset and defaults applied) and return the full configuration; raises `ConfigError`."
-    unknown = set(params) - set(DEFAULTS)
-    if unknown: raise unknown_names_error(unknown, DEFAULTS)
-    c = apply_preset(params)
-    for k, v in c.items():  # no NaN or infinity anywhere (a `-p lr inf` must not train)
-        if isinstance(v, float) and not math.isfinite(v): check(k, v, float)
+# %% ../nbs/08_train.ipynb #62433627
+def _check_model_and_training(c:dict):
+    "Method, objective, data set, architecture, optimiser, schedule and attack budget."
     check('method', c['method'], str, choices=METHOD_NAMES)
     if c['method'] == 'lbgat':
         if c['objective'] not in (None, 'trades'):
@@ -229,6 +226,10 @@ def resolve_config(**params) -> dict:
     if c['alpha'] is not None: check('alpha', c['alpha'], float, lo=0, lo_open=True)
     check('steps', c['steps'], int, lo=1, allow_none=True)
     check('bn_mode', c['bn_mode'], str, choices=['eval', 'train'], allow_none=True)
+
+# %% ../nbs/08_train.ipynb #c8cd779c
+def _check_baselines(c:dict):
+    "The baselines' own settings (AWP, SEAT, LBGAT, HELP, GAIRAT, MAIL, IAT)."
     for k in ('beta', 'awp_gamma'): check(k, c[k], float, lo=0, allow_none=True)
     check('awp_warmup', c['awp_warmup'], int, lo=0, allow_none=True); check('seat_decay', c['seat_decay'], float, lo=0, hi=1)
     if c['natural_arch'] is not None: _check_arch(c['natural_arch'], 'natural_arch')
@@ -238,6 +239,10 @@ def resolve_config(**params) -> dict:
     check('mail_form', c['mail_form'], str, choices=['at', 'trades'])
     check('mail_bias', c['mail_bias'], float, allow_none=True); check('mail_slope', c['mail_slope'], float, lo=0, allow_none=True)
     check('mail_burn_in', c['mail_burn_in'], int, lo=0, allow_none=True); check('iat_alpha', c['iat_alpha'], float, lo=0, lo_open=True)
+
+# %% ../nbs/08_train.ipynb #60c69a44
+def _check_hfat_dynat(c:dict):
+    "HFAT's and DYNAT's settings."
     check('hfat_eps_s', c['hfat_eps_s'], float, lo=0, hi=1); check('hfat_alpha_s', c['hfat_alpha_s'], float, lo=0)
     check('hfat_steps_s', c['hfat_steps_s'], int, lo=1); check('hfat_r_mean', c['hfat_r_mean'], float)
     for k in ('hfat_r_std', 'hfat_noise', 'hfat_lt', 'hfat_gamma'): check(k, c[k], float, lo=0)
@@ -252,6 +257,10 @@ def resolve_config(**params) -> dict:
     check('dynat_label_smoothing', c['dynat_label_smoothing'], float, lo=0, hi=1, hi_open=True)
     if c['method'] == 'dynat' and c['objective'] not in ('pgdat', 'gairat', 'mail'):
         raise ConfigError(f"objective = {c['objective']!r}: method 'dynat' trains its target with 'pgdat', 'gairat' or 'mail' (MAIL-AT)")
+
+# %% ../nbs/08_train.ipynb #dee1c9ea
+def _check_afa_f2at(c:dict):
+    "AFA's, OAT's and F²AT's settings, and the runs they start from."
     check('afa_K', c['afa_K'], int, lo=2)
     if c['afa_xi'] is not None: c['afa_xi'] = check_xi(c['afa_xi'], c['afa_K'])
     check('afa_stage', c['afa_stage'], int, choices=[1, 2]); check('afa_from', c['afa_from'], str, allow_none=True)
@@ -282,8 +291,15 @@ def resolve_config(**params) -> dict:
     check('f2at_source_epochs', c['f2at_source_epochs'], int, lo=1, allow_none=True)
     check('f2at_nat_bn', c['f2at_nat_bn'], str, choices=['batch', 'update']); check('f2at_alpha_warmup', c['f2at_alpha_warmup'], int, lo=0)
     check('f2at_est_lr', c['f2at_est_lr'], float, lo=0, lo_open=True)
+    if c['method'] == 'f2at' and c['f2at_source'] == 'logits': warnings.warn(F2AT_LOGITS_UNSTABLE, stacklevel=3)
     for k in ('f2at_est_epochs', 'f2at_units', 'f2at_est_batch'): check(k, c[k], int, lo=2)
-    check('hiders', c['hiders'], bool); check('hider_n', c['hider_n'], int, lo=1)
+
+# %% ../nbs/08_train.ipynb #28152118
+def _check_run_settings(c:dict):
+    "Hiders, evaluation, device, processes, precision, run name and folder."
+    check('hiders', c['hiders'], bool); check('hider_n', c['hider_n'], int, lo=1); check('hider_positions', c['hider_positions'], bool)
+    if c['hider_positions'] and not c['hiders']:
+        raise ConfigError('hider_positions = True: the worst-case hider positions are recorded by the hider tracker; set hiders=True as well')
     if c['hider_intervals'] is not None: c['hider_intervals'] = check_list('hider_intervals', c['hider_intervals'], int, lo=1, min_length=1)
     check('keep_epochs', c['keep_epochs'], int, lo=1, allow_none=True)
     check('seed', c['seed'], int, lo=0); check('n_train', c['n_train'], int, lo=1, allow_none=True)
@@ -307,6 +323,10 @@ def resolve_config(**params) -> dict:
     c['runs_dir'] = str(settings(runs_dir=c['runs_dir']).runs_dir)
     if c['objective'] == 'help' and c['helper'] is not None and not Path(c['helper']).exists():
         raise ConfigError(f"helper = {c['helper']!r}: no such run folder or checkpoint")
+
+# %% ../nbs/08_train.ipynb #5353ce17
+def _check_data(c:dict):
+    "The data set exists here and holds what n_train, n_eval and the process count ask for."
     for split in ('train', 'test'):
         try: n_avail = len(load_arrays(c['dataset'], split)[1])
         except DataNotFoundError as e: raise ConfigError(f"dataset = {c['dataset']!r}: {e}") from None
@@ -320,6 +340,21 @@ def resolve_config(**params) -> dict:
         if split == 'test':
             c['n_eval'] = min(c['n_eval'], n_avail)
             c['n_report'] = min(c['n_report'] or settings().eval_n, n_avail)
+
+# %% ../nbs/08_train.ipynb #051457a8
+def resolve_config(**params) -> dict:
+    "Validate `params` (with preset and defaults applied) and return the full configuration; raises `ConfigError`."
+    unknown = set(params) - set(DEFAULTS)
+    if unknown: raise unknown_names_error(unknown, DEFAULTS)
+    c = apply_preset(params)
+    for k, v in c.items():  # no NaN or infinity anywhere (a `-p lr inf` must not train)
+        if isinstance(v, float) and not math.isfinite(v): check(k, v, float)
+    _check_model_and_training(c)
+    _check_baselines(c)
+    _check_hfat_dynat(c)
+    _check_afa_f2at(c)
+    _check_run_settings(c)
+    _check_data(c)
     return c
 
 # %% ../nbs/08_train.ipynb #79d9eebb
@@ -366,7 +401,7 @@ def build_objective(cfg:dict, helper:nn.Module|None=None):
     if name == 'iat': kw['alpha_mix'] = cfg['iat_alpha']
     return make_objective(name, **kw)
 
-
+# %% ../nbs/08_train.ipynb #910b2039
 def build_method(cfg:dict, helper:nn.Module|None=None, estimators:tuple|None=None):
     "The method (wrapping the objective) of the configuration."
     if cfg['method'] == 'lbgat':
@@ -451,6 +486,22 @@ class Run:
         if not raw and c.get('method') == 'afa' and c.get('afa_stage') == 1: return BranchView(m, c['afa_K'] - 1).eval()
         if c.get('method') == 'oat': m.set_lambda(c['oat_eval_lambda'])
         return m
+
+    def cached(self, key:str, # the computation and its parameters, e.g. 'pgd20-n500' (letters, digits, . _ - @)
+               fn:Callable, # computes it: a `Report`, or tensors/numbers/strings in lists and dicts
+              ):
+        "`fn()` once per run: kept in `<run>/cache/` (a `Report` as JSON) and read back after, until the run trains further."
+        if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._@-]{0,150}', key): raise ConfigError(f'key = {key!r}: letters, digits, . _ - @ only')
+        folder, last = self.dir/'cache', self.dir/'checkpoints'/'last.pt'
+        newest = last.stat().st_mtime if last.exists() else 0.0
+        for path, read in ((folder/f'{key}.report.json', Report.load), (folder/f'{key}.pt', lambda p: torch.load(p, weights_only=True))):
+            if path.exists() and path.stat().st_mtime >= newest: return read(path)
+        out = fn()
+        folder.mkdir(exist_ok=True)
+        if isinstance(out, Report): out.save(folder/f'{key}.report.json')
+        else:
+            with atomic_write(folder/f'{key}.pt') as f: torch.save(out, f)
+        return out
 
 # %% ../nbs/08_train.ipynb #3488dfaa
 def run_or_tiny(name:str|None, # the run to draw
@@ -565,13 +616,19 @@ def _callbacks(cfg, run_dir, x, y, xt, yt) -> list:
            # every run reports its end-of-run hider ratio (Δ = 1); `hiders=True` tracks all intervals every epoch
            HiderTracker(xt, yt, n=cfg['hider_n'], eps=cfg['eps'], folder=run_dir, seed=cfg['seed'],
                         intervals=(cfg['hider_intervals'] or (1, 5, 20, 50)) if cfg['hiders'] else (1,),
-                        scale=cfg['hiders'] and cfg['hider_intervals'] is None, only_last=not cfg['hiders'])]
+                        scale=cfg['hiders'] and cfg['hider_intervals'] is None, only_last=not cfg['hiders'],
+                        positions=cfg['hider_positions'])]
     # clean accuracy on a fixed training subset for the result model, and on train and test for jointly trained models
     cbs.append(AccuracyCB({'': lambda l: l.eval_model()}, {'train': (x, y)}, n=cfg['n_eval']))
     if cfg['method'] in ('dynat', 'lbgat'):
         name = 'guide' if cfg['method'] == 'dynat' else 'natural'
         cbs.append(AccuracyCB({name: lambda l: l.extra[name]}, {'train': (x, y), 'test': (xt, yt)}, n=cfg['n_eval']))
     return cbs
+
+# %% ../nbs/08_train.ipynb #edd428c3
+F2AT_LOGITS_UNSTABLE = ("f2at_source = 'logits' is unstable: with the MI estimators on the logits, the small-scale CIFAR-10 comparison "
+                        "(experiments/f2at_cifar.py: small_cnn, 5,000 images, 8 epochs) collapsed to 10.0% clean accuracy, chance; "
+                        "the default estimator input is 'features'")
 
 
 def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device, stored) -> Report:
@@ -588,6 +645,8 @@ def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device, stored) -> Repo
     report.metrics.update({f'hider_ratio_{k}': last_rec[f'hider_{k}_d1'] for k in ('adv', 'nat') if f'hider_{k}_d1' in last_rec})
     report.metrics.update({k: v for k, v in last_rec.items() if k.startswith('probe_') and isinstance(v, (int, float))})
     report.flags += mechanism_flags(last_rec)
+    if cfg['method'] == 'f2at' and cfg['f2at_source'] == 'logits':
+        report.flags.append(dict(code='f2at_logits_unstable', kind='mechanism', message=F2AT_LOGITS_UNSTABLE))
     if distributed.is_main(): report.save(run_dir/'report.json')
     if cfg['report_best'] and not learn.failure and (run_dir/'checkpoints'/'best.pt').exists():
         best = Run(run_dir, stored).model('best', device)
@@ -720,7 +779,7 @@ def _assigned_names(source:str) -> list[str]:
     except SyntaxError: return []
     return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
 
-
+# %% ../nbs/08_train.ipynb #bd7d6e9c
 def pipeline_values(name:str, # a key of PIPELINES
                     ns:dict, # the notebook's globals()
                    ) -> tuple[dict, set]:
@@ -837,7 +896,7 @@ def _parse_value(text:str):
     except yaml.YAMLError: return text
     return v if isinstance(v, (int, float, bool, list)) else text
 
-
+# %% ../nbs/08_train.ipynb #3f603f25
 def main(argv:list|None=None) -> int:
     "`rblab-run NOTEBOOK [-p NAME VALUE]...`: run a pipeline notebook into its run folder; exit status 1 on failure."
     import argparse

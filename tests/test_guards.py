@@ -213,3 +213,18 @@ def test_open_run_and_save_through_the_jupyter_server_leaves_git_clean(tmp_path)
         assert git('status', '--porcelain') == '', git('diff')[:3000]
     finally:
         server.terminate(); server.wait(timeout=30)
+
+
+def test_gairat_burn_in_is_not_mistaken_for_divergence(tmp_path):
+    "Before reweighting starts GAIRAT has no λ; the step logs must not carry a NaN the divergence guard would stop on."
+    run = train(dataset='digits', arch='small_cnn', width=8, objective='gairat', gairat_begin=3, epochs=1, n_eval=50, n_report=50,
+                runs_dir=str(tmp_path), progress=False)
+    assert run.report is not None and 'ended_early' not in run.report.meta
+    assert all('lam' not in json.loads(l) for l in (run.dir/'steps.jsonl').read_text().splitlines())
+
+
+def test_f2at_logits_source_is_flagged_unstable(tmp_path):
+    with pytest.warns(UserWarning, match="'logits' is unstable"):
+        run = train(dataset='digits', arch='small_cnn', width=8, method='f2at', f2at_source='logits', f2at_units=32, f2at_est_epochs=2,
+                    f2at_est_batch=128, epochs=1, n_eval=50, n_report=50, runs_dir=str(tmp_path), progress=False, probes=False)
+    assert [f['kind'] for f in run.report.flags if f['code'] == 'f2at_logits_unstable'] == ['mechanism']
