@@ -12,7 +12,7 @@ from robustbench_lab.train import Run, train
 # the one training budget: small_cnn (width 32), first 5,000 CIFAR-10 training images, 8 epochs, batch 128,
 # SGD lr 0.1 with the piecewise schedule, weight decay 5e-4, seed 0, eps 8/255
 BUDGET = dict(dataset='cifar10', arch='small_cnn', n_train=5000, epochs=8, batch_size=128, lr=0.1, schedule='piecewise',
-              weight_decay=5e-4, eps=8/255, seed=0, n_eval=500, n_report=500, suite='monitor', progress=False, resume=True)
+              weight_decay=5e-4, eps=8/255, seed=0, n_eval=500, n_report=500, suite='monitor', progress=False, resume='auto')
 N_EVAL, N_AA = 500, 100
 
 

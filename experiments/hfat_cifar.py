@@ -3,11 +3,12 @@ hider ratios every epoch, seconds per epoch. Run from the repository root: `pyth
 import sys; sys.path.insert(0, 'experiments')
 from common import *
 
-HF = dict(method='hfat', hfat_steps_s=5, hiders=True, hider_n=500, keep_epochs=1)
+TRACK = dict(hiders=True, hider_n=500, hider_positions=True, keep_epochs=1)  # Fig. 2-4 are recorded during training
+HF = dict(method='hfat', hfat_steps_s=5, **TRACK)
 runs = {
-    'AT': run('hfat-c10-at', method='standard', objective='pgdat', hiders=True, hider_n=500, keep_epochs=1),
+    'AT': run('hfat-c10-at', method='standard', objective='pgdat', **TRACK),
     'AT_HF': run('hfat-c10-at_hf', objective='pgdat', **HF),
-    'TRADES': run('hfat-c10-trades', method='standard', objective='trades', hiders=True, hider_n=500, keep_epochs=1),
+    'TRADES': run('hfat-c10-trades', method='standard', objective='trades', **TRACK),
     'TRADES_HF': run('hfat-c10-trades_hf', objective='trades', **HF),
     'standard': run('hfat-c10-standard', method='standard', objective='clean', keep_epochs=1),
 }
