@@ -1,0 +1,25 @@
+"""The prepared GPU script runs on CPU at tiny sizes in CI, so that it cannot rot before a GPU runs it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_device_check_runs_every_method_and_measurement_at_tiny_sizes(tmp_path, cifar_train):
+    out = subprocess.run([sys.executable, str(REPO/'benchmarks'/'device_check.py'), '--tiny', '--out', str(tmp_path/'dc.json')],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    d = json.loads((tmp_path/'dc.json').read_text())
+    methods = {r['method'] for r in d['methods']}
+    assert {'hfat-code', 'dynat-code', 'awp-code', 'lbgat-code', 'seat-code', 'oat-code', 'f2at-paper', 'afa-paper stage 1',
+            'afa-paper stage 2'} <= methods and all(r['ok'] for r in d['methods'])
+    assert all(r['steps'] == 8 for r in d['methods'])
+    settings = [r['setting'] for r in d['throughput']]
+    assert settings[0].startswith('reference') and all(r['img_per_s'] > 0 for r in d['throughput'])
+    aa = d['autoattack']
+    assert aa['n'] == 16 and aa['workbench_robust'] == aa['pyautoattack_robust'], aa  # the same attack, the same points
+    assert d['failed'] == []
