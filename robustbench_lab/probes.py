@@ -208,6 +208,7 @@ class F2ATProbeCB(Callback):
 
     def after_epoch(self, learn):
         if (learn.epoch % self.every and learn.epoch != learn.epochs) or not distributed.is_main(): return
+        if learn.method.est_nat is None: return  # mode 'target' before its estimators are pre-trained: nothing to measure yet
         r = f2at_mechanism(learn.model, learn.method, self.x, self.y, self.seed)
         learn.record.update({f'probe_{k}': v for k, v in r.items()})
 

@@ -235,3 +235,12 @@ def test_f2at_logits_source_is_flagged_unstable(tmp_path):
         run = train(dataset='digits', arch='small_cnn', width=8, method='f2at', f2at_source='logits', f2at_units=32, f2at_est_epochs=2,
                     f2at_est_batch=128, epochs=1, n_eval=50, n_report=50, runs_dir=str(tmp_path), progress=False, probes=False)
     assert [f['kind'] for f in run.report.flags if f['code'] == 'f2at_logits_unstable'] == ['mechanism']
+
+
+def test_f2at_target_mode_is_probed_once_its_estimators_exist(tmp_path):
+    "Mode 'target' has no estimators before `f2at_source_epochs`: the probe waits for them instead of failing the run."
+    run = train(dataset='digits', arch='small_cnn', width=8, method='f2at', f2at_mode='target', f2at_source_epochs=1, f2at_units=32,
+                f2at_est_epochs=2, f2at_est_batch=128, epochs=2, probe_every=1, probe_n=32, n_eval=50, n_report=50,
+                runs_dir=str(tmp_path), progress=False)
+    assert 'probe_i_nat' not in run.metrics[0] and 'probe_i_nat' in run.metrics[1]
+    assert run.report.metrics['probe_i_nat'] == run.metrics[1]['probe_i_nat']
