@@ -11,7 +11,9 @@ import json
 import time
 from pathlib import Path
 
-from robustbench_lab.train import Run, train
+import sys; sys.path.insert(0, 'experiments')
+from common import finished_or_train
+
 
 p = argparse.ArgumentParser()
 p.add_argument('--label', required=True)
@@ -27,24 +29,24 @@ p.add_argument('--probe-every', type=int, default=4)
 p.add_argument('--probe-n', type=int, default=256)
 a = p.parse_args()
 
-common = dict(preset='afa-paper', dataset='cifar10', arch='small_cnn', width=a.width, n_train=a.n_train, afa_K=a.K, seed=0,
+budget = dict(preset='afa-paper', dataset='cifar10', arch='small_cnn', width=a.width, n_train=a.n_train, afa_K=a.K, seed=0,
               n_eval=500, progress=False, resume='auto')
 t0 = time.time()
-s1 = train(run_name=f'afa-search-{a.label}-stage1', afa_stage=1, epochs=a.stage1_epochs, suite='monitor', n_report=500, **common)
+s1 = finished_or_train(f'afa-search-{a.label}-stage1', afa_stage=1, epochs=a.stage1_epochs, suite='monitor', n_report=500, **budget)
 print(f'Stage I: {time.time() - t0:.0f}s, clean {s1.report.clean_accuracy:.3f}, PGD-20 {s1.report.robust_accuracy["PGD-20"]:.3f}', flush=True)
 for placement in a.placements:
     t1 = time.time()
-    s2 = train(run_name=f'afa-search-{a.label}-{placement}', afa_stage=2, afa_from=str(s1.dir), afa_placement=placement,
+    s2 = finished_or_train(f'afa-search-{a.label}-{placement}', afa_stage=2, afa_from=str(s1.dir), afa_placement=placement,
                epochs=a.stage2_epochs, lr=a.stage2_lr, afa_clean_prob=a.clean_prob, suite='afa', n_report=500,
-               probe_n=a.probe_n, probe_every=a.probe_every, **common)
+               probe_n=a.probe_n, probe_every=a.probe_every, **budget)
     probes = [dict(epoch=m['epoch'] + 1, **{k[6:]: m[k] for k in m if k.startswith('probe_')}) for m in s2.metrics if 'probe_rho' in m]
     for pr in probes:
         print(f"  {placement} epoch {pr['epoch']}: rho {pr['rho']:.3f}, W1 {pr['w1_mean'][0]:.3f} -> {pr['w1_mean'][-1]:.3f}, "
               f"fused >= best branch on {100*pr['fused_at_least_best']:.0f}% of eps, flat {pr['flat']}", flush=True)
     last = probes[-1]
     row = dict(label=a.label, placement=placement, width=a.width, n_train=a.n_train, K=a.K, stage1_epochs=a.stage1_epochs,
-               stage2_epochs=a.stage2_epochs, stage2_lr=a.stage2_lr, clean_prob=a.clean_prob, seconds_stage1=s1.metrics and sum(m['seconds'] for m in s1.metrics),
-               seconds_stage2=sum(m['seconds'] for m in s2.metrics), clean=s2.report.clean_accuracy, robust=s2.report.robust_accuracy,
+               stage2_epochs=a.stage2_epochs, stage2_lr=a.stage2_lr, clean_prob=a.clean_prob, seconds_stage1=sum(m.get('train_seconds', 0) for m in s1.metrics),
+               seconds_stage2=sum(m.get('train_seconds', 0) for m in s2.metrics), clean=s2.report.clean_accuracy, robust=s2.report.robust_accuracy,
                engaged=abs(last['rho']) >= 0.8 and last['fused_at_least_best'] >= 0.5, probes=probes)
     Path('experiments/results').mkdir(parents=True, exist_ok=True)
     with open('experiments/results/afa_search.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')

@@ -24,6 +24,16 @@ def run(name, **params):
     return r
 
 
+def finished_or_train(run_name, **params):
+    "The finished run of that name (its report written) when its stored settings agree with `params`, else train (or continue) it."
+    from robustbench_lab.core import settings
+    if not (settings().runs_dir/run_name/'report.json').exists(): return train(run_name=run_name, **params)
+    r = Run.load(run_name)
+    differ = sorted(k for k, v in params.items() if k not in ('resume', 'progress') and k in r.config and r.config[k] != v)
+    if differ: raise ValueError(f'{run_name}: finished with other settings ({", ".join(differ)}); choose another name')
+    return r
+
+
 def evaluate_run(r, suite, eps=8/255, n=N_EVAL, n_aa=N_AA, tag=None):
     "The suite without AutoAttack on the first `n` test points, AutoAttack entries on the first `n_aa`; both reports saved in the run."
     x, y = load_arrays('cifar10', 'test')

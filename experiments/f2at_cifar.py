@@ -3,6 +3,7 @@ paper's frozen protocol) vs TRADES, all at the search's budget, with the `f2at` 
 other epoch; plus Fig. 8's natural-pattern accuracy of a standard model.
 
     python experiments/f2at_cifar.py --best online        # after f2at_search.py (its runs are reused)
+    python experiments/f2at_cifar.py --baselines-only     # only train the TRADES and standard runs (any time)
 
 The budget (`f2at-paper`'s recipe at CPU scale): small_cnn (width 32), the first 5,000 CIFAR-10 training images, 8 epochs of
 batch 128 (40 SGD steps each), lr 0.1 with ×0.1 decays after epochs 4 and 6, weight decay 2e-4, momentum 0.9, PGD-10
@@ -16,15 +17,19 @@ from robustbench_lab.evaluate import craft, model_correct
 from robustbench_lab.f2at import split_patterns
 
 p = argparse.ArgumentParser()
-p.add_argument('--best', required=True, help='the f2at_search.py configuration to report as F2AT (e.g. online)')
+p.add_argument('--best', help='the f2at_search.py configuration to report as F2AT (e.g. online)')
+p.add_argument('--baselines-only', action='store_true', help='train the TRADES and standard runs and stop')
 a = p.parse_args()
+if not (a.best or a.baselines_only): p.error('--best CONFIG is required (unless --baselines-only)')
 
-name = lambda config: f'f2at-search-{config}-n5000-e8'
-sat, best, frozen = Run.load(name('sat')), Run.load(name(a.best)), Run.load(name('frozen'))
 F2 = dict(dataset='cifar10', arch='small_cnn', n_train=5000, epochs=8, batch_size=128, lr=0.1, weight_decay=2e-4, schedule='multistep',
           milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, seed=0, n_eval=500, n_report=500, suite='monitor', progress=False,
           resume='auto')
-trades = train(run_name='f2at-c10-trades', method='standard', objective='trades', **F2)
+trades = finished_or_train('f2at-c10-trades', method='standard', objective='trades', **F2)
+std = finished_or_train('f2at-c10-standard', method='standard', objective='clean', **{**F2, 'n_train': 10000, 'epochs': 10})
+if a.baselines_only: sys.exit(0)
+name = lambda config: f'f2at-search-{config}-n5000-e8'
+sat, best, frozen = Run.load(name('sat')), Run.load(name(a.best)), Run.load(name('frozen'))
 runs = {'SAT (alpha = gamma = 0)': sat, f'F2AT ({a.best})': best, **({'F2AT (frozen, the paper)': frozen} if a.best != 'frozen' else {}),
         'TRADES': trades}
 rows = []
@@ -33,7 +38,6 @@ for label, r in runs.items():
     extra = dict(i_nat_minus_shuffled=probes[-1]['probe_nat_margin'], grad_ratio=probes[-1]['probe_grad_ratio'],
                  signal_every_probe=all(not m['probe_no_signal'] for m in probes)) if probes and 'alpha = gamma = 0' not in label else {}
     rows.append(summary_row(label, r, evaluate_run(r, 'f2at'), extra))
-std = train(run_name='f2at-c10-standard', method='standard', objective='clean', **{**F2, 'n_train': 10000, 'epochs': 10})
 x, y = load_arrays('cifar10', 'test'); x = x[:500].float()/255; y = y[:500]
 m = std.model()
 for atk in (PGD(eps=8/255, steps=20), CWInf(eps=8/255, steps=30)):

@@ -5,13 +5,18 @@ CPU budget (issue 15). Every configuration trains small_cnn on the first n_train
 
     python experiments/f2at_search.py --configs frozen online target frozen-update frozen-warmup
 
-One JSON line per configuration goes to experiments/results/f2at_search.jsonl; runs land in runs/f2at-search-*."""
+One JSON line per configuration goes to experiments/results/f2at_search.jsonl; runs land in runs/f2at-search-*. The
+estimators are pre-trained once on the source run; later configurations with the same estimator input reuse that
+`estimators.pt` (the same seeded computation), and finished runs are reopened, not re-evaluated."""
 import argparse
 import json
 import time
 from pathlib import Path
 
-from robustbench_lab.train import train
+import sys; sys.path.insert(0, 'experiments')
+from common import finished_or_train
+from robustbench_lab.core import settings
+
 
 CONFIGS = {
     'frozen': dict(f2at_mode='frozen'),                    # MIAT: pre-trained on a PGD-AT source network, then frozen
@@ -35,15 +40,24 @@ a = p.parse_args()
 base = dict(preset='f2at-paper', dataset='cifar10', arch='small_cnn', n_train=a.n_train, epochs=a.epochs, seed=0, n_eval=500,
             n_report=500, suite='monitor', progress=False, resume='auto', f2at_est_epochs=a.est_epochs, f2at_units=a.units,
             f2at_est_batch=400, probe_every=a.probe_every)
-source = train(run_name=f'f2at-search-source-n{a.n_train}-e{a.epochs}', method='standard', objective='pgdat',
+def pretrained_estimators(extra):
+    "estimators.pt of an earlier configuration pre-trained on the same source with the same input (the same seeded computation), or None."
+    for other, kw in CONFIGS.items():
+        path = settings().runs_dir/f'f2at-search-{other}-n{a.n_train}-e{a.epochs}'/'estimators.pt'
+        if kw.get('f2at_mode', 'frozen') != 'target' and kw.get('f2at_source') == extra.get('f2at_source') and path.exists(): return path
+    return None
+
+
+source = finished_or_train(f'f2at-search-source-n{a.n_train}-e{a.epochs}', method='standard', objective='pgdat',
                **{k: v for k, v in base.items() if not k.startswith('f2at_') and k != 'probe_every' and k != 'preset'},
                lr=0.1, weight_decay=2e-4, schedule='multistep', milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10)
 for name in a.configs:
     t0 = time.time()
     extra = dict(CONFIGS[name])
     if extra.get('f2at_mode') == 'target': extra['f2at_source_epochs'] = 2  # pre-train on the state after 2 epochs
+    elif (given := pretrained_estimators(extra)) is not None: extra['f2at_estimators'] = str(given)  # pre-trained once, reused
     else: extra['f2at_source_run'] = str(source.dir)
-    run = train(run_name=f'f2at-search-{name}-n{a.n_train}-e{a.epochs}', **{**base, **extra})
+    run = finished_or_train(f'f2at-search-{name}-n{a.n_train}-e{a.epochs}', **{**base, **extra})
     probes = [dict(epoch=m['epoch'] + 1, **{k[6:]: m[k] for k in m if k.startswith('probe_')}) for m in run.metrics if 'probe_i_nat' in m]
     for pr in probes:
         print(f"  {name} epoch {pr['epoch']}: I_nat {pr['i_nat']:.3f} vs shuffled {pr['i_nat_shuffled']:.3f}, I_pert {pr['i_pert']:.3f} vs "
