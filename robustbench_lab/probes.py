@@ -223,5 +223,7 @@ def mechanism_flags(record:dict) -> list[dict]:
     for k in record.get('probe_no_signal') or []:
         out.append(dict(code='mi_no_signal', kind='mechanism', message=(
             f"the {k} MI estimator carries no signal: Î_{k} = {record[f'probe_i_{k}']:.3f} vs {record[f'probe_i_{k}_shuffled']:.3f} "
-            f"on shuffled pairs (margin {record[f'probe_{k}_margin']:.3f}, not above two standard errors)")))
+            f"on shuffled pairs (margin {record[f'probe_{k}_margin']:.3f}, not above two standard errors)"
+            + ("; for the perturbed pattern this is also what L_pd drives towards: compare the same estimators on an α = γ = 0 run"
+               if k == 'pert' else ''))))
     return out
