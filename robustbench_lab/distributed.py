@@ -328,6 +328,9 @@ def _worker_main(payload:str, result:str):
 # %% ../nbs/09_distributed.ipynb #87d28d8f
 if __name__ == '__main__' and 'IPython' not in sys.modules and len(sys.argv) == 3:  # `python -m robustbench_lab.distributed PAYLOAD RESULT`
     _worker_main(sys.argv[1], sys.argv[2])
+    # the work is done and the group torn down: leave without running C++ static destructors, where a still-joinable
+    # library thread can abort the process ("terminate called without an active exception", seen once in 200 tests)
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
 
 
 def probe(n:int=1) -> dict:
