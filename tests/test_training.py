@@ -117,17 +117,18 @@ def _weights(run_dir):
     return load_checkpoint(Path(run_dir)/'checkpoints'/'last.pt')['model']
 
 
-@pytest.mark.parametrize('kill_after_s', [0.0, 0.7])
-def test_sigkill_and_resume_ends_with_identical_weights(tmp_path, kill_after_s):
+@pytest.mark.parametrize('kill_at_step', [3, 15])
+def test_sigkill_and_resume_ends_with_identical_weights(tmp_path, kill_at_step):
     common = _common(tmp_path)
     ref = train(run_name='ref', **common)
     code = f'from robustbench_lab.train import train; train(run_name="killed", **{common!r})'
     proc = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt, deadline = tmp_path/'killed'/'checkpoints'/'last.pt', time.time() + 300
-    while not ckpt.exists():  # the first mid-epoch checkpoint (step 3) marks a run well under way
-        assert proc.poll() is None and time.time() < deadline, 'training subprocess ended before its first checkpoint'
-        time.sleep(0.05)
-    time.sleep(kill_after_s)
+    ckpt, steps, deadline = tmp_path/'killed'/'checkpoints'/'last.pt', tmp_path/'killed'/'steps.jsonl', time.time() + 300
+    # kill once the run has logged `kill_at_step` steps and holds a checkpoint: a step count, not a wall-clock delay,
+    # so a faster machine cannot let the run finish first
+    while not (ckpt.exists() and steps.exists() and len(steps.read_text().splitlines()) >= kill_at_step):
+        assert proc.poll() is None and time.time() < deadline, 'training subprocess ended before the step to kill at'
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     at = load_checkpoint(ckpt)
