@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .attacks import PGD, attack_mode
 from . import distributed
-from .core import atomic_write, check, check_list
+from .core import atomic_write, check, check_list, random_scope
 from .learner import Callback
 
 # %% auto #0
@@ -109,9 +109,12 @@ class HiderTracker(Callback):
 
     def _craft(self, model, epoch):
         dev = next(model.parameters()).device
-        self.attack.seed = self.seed + epoch
-        out = [self.attack(model, self.x[i:i + self.batch_size].to(dev), self.y[i:i + self.batch_size].to(dev)).cpu()
-               for i in range(0, self.n, self.batch_size)]
+        out = []
+        for i in range(0, self.n, self.batch_size):
+            rows = torch.arange(i, min(i + self.batch_size, self.n))
+            # start points keyed on (seed, epoch, point index): no two tracked points share a draw, whatever the batching
+            with random_scope(self.seed, epoch, total=self.n, index=rows):
+                out.append(self.attack(model, self.x[rows].to(dev), self.y[rows].to(dev)).cpu())
         return torch.cat(out).half()
 
     def after_epoch(self, learn):
