@@ -923,6 +923,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'robustbench_lab.probes.mechanism_flags': ( 'probes.html#mechanism_flags',
                                                                                     'robustbench_lab/probes.py'),
                                         'robustbench_lab.probes.middle_bn': ('probes.html#middle_bn', 'robustbench_lab/probes.py'),
+                                        'robustbench_lab.probes.plot_probes': ('probes.html#plot_probes', 'robustbench_lab/probes.py'),
                                         'robustbench_lab.probes.spearman': ('probes.html#spearman', 'robustbench_lab/probes.py')},
             'robustbench_lab.train': { 'robustbench_lab.train.Run': ('train.html#run', 'robustbench_lab/train.py'),
                                        'robustbench_lab.train.Run.cached': ('train.html#run.cached', 'robustbench_lab/train.py'),

@@ -233,17 +233,19 @@ class AFAModel(nn.Module):
 
 # %% ../nbs/12_afa.ipynb #eaba3862
 class AFAStage2(Method):
-    "AFA Stage II: train the weight generator(s) with CE on PGD samples of random strength against the full model."
+    "AFA Stage II: train the weight generator(s) with CE on PGD samples of random strength (against the full model, or its strongest branch)."
     name = 'afa2'
     bn_mode = 'eval'
 
     def __init__(self, eps:float=8/255, # maximum strength
                  clean_prob:float=0.2, # share of samples forced to strength 0
                  steps:int=10, alpha:float|None=None, # the PGD crafting the samples (step eps/4 at full strength)
+                 samples:str='fused', # PGD against: 'fused' (the full model, WG included) | 'strong_branch' (BN_{K−1} alone, blind to the WG)
                 ):
         self.eps = check('eps', eps, float, lo=0, hi=1)
         self.clean_prob = check('clean_prob', clean_prob, float, lo=0, hi=1)
         self.attack = PGD(eps=eps, steps=steps, alpha=alpha)
+        self.samples = check('samples', samples, str, choices=['fused', 'strong_branch'])
         self.epoch, self.epochs = 0, 1
 
     def start_epoch(self, epoch, epochs): self.epoch, self.epochs = epoch, epochs
@@ -255,13 +257,14 @@ class AFAStage2(Method):
     def compute_grads(self, model, x, y, backward):
         eps_i = sample_rand((len(x),), x.device)*self.eps  # per-sample strengths, keyed draws (see `random_scope`)
         eps_i = torch.where(sample_rand((len(x),), x.device) < self.clean_prob, torch.zeros_like(eps_i), eps_i)
-        x_e = self.attack.perturb(model, x, y, eps=eps_i).detach()
+        with (model.fixed_branch(1) if self.samples == 'strong_branch' else contextlib.nullcontext()):
+            x_e = self.attack.perturb(model, x, y, eps=eps_i).detach()
         model.train()
         loss = F.cross_entropy(model(x_e), y)
         backward(loss)
         return dict(loss=loss.item(), w0_mean=model.w0().mean().item(), eps_mean=eps_i.mean().item()*255)
 
-    def __repr__(self): return f'AFAStage2(eps={self.eps:.4g}, clean_prob={self.clean_prob}, attack={self.attack!r})'
+    def __repr__(self): return f'AFAStage2(eps={self.eps:.4g}, clean_prob={self.clean_prob}, samples={self.samples!r}, attack={self.attack!r})'
 
 # %% ../nbs/12_afa.ipynb #57404911
 ADA_RATIOS = ((10, 1), (5, 1), (2, 1), (1, 1), (1, 2), (1, 5), (1, 10))

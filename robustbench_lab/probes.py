@@ -21,7 +21,7 @@ from .models import MultiBN, bn_branch, multibn_layers
 
 # %% auto #0
 __all__ = ['middle_bn', 'feature_statistics', 'fusing_weight_curve', 'spearman', 'afa_mechanism', 'beats_baseline',
-           'f2at_mechanism', 'AFAProbeCB', 'F2ATProbeCB', 'mechanism_flags']
+           'f2at_mechanism', 'AFAProbeCB', 'F2ATProbeCB', 'mechanism_flags', 'plot_probes']
 
 # %% ../nbs/22_probes.ipynb #8b91b8a0
 def middle_bn(model:nn.Module) -> nn.Module:
@@ -107,14 +107,14 @@ def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fix
                   steps:int=10, # PGD iterations (step ε/4)
                   seed:int=0,
                  ) -> dict:
-    "W₁(ε) of the fused model, its Spearman ρ with ε, each kept branch's and the fused model's accuracy per ε, the branches' CE gap."
+    "W₁(ε) of the fused model (on its own PGD examples and on the strongest branch's), ρ with ε, each kept branch's and the fused model's accuracy per ε, the branches' CE gap."
     eps_grid = check_list('eps_grid', list(eps_grid), float, lo=0, hi=1, min_length=2, increasing=True)
     dev = next(model.parameters()).device
     x, y = x.to(dev), y.to(dev)
     def attacked(e, i):
         if e == 0: return x
         with random_scope(seed, i, total=len(x)): return PGD(eps=e, steps=steps)(model, x, y)
-    w1, acc = [], {'fused': [], 'branch0': [], 'branch1': []}
+    w1, w1_transfer, acc = [], [], {'fused': [], 'branch0': [], 'branch1': []}
     for i, e in enumerate(eps_grid):
         xa = attacked(e, i)
         with torch.no_grad(), attack_mode(model, 'eval'):
@@ -125,18 +125,26 @@ def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fix
         if i == len(eps_grid) - 1: x_max = xa
     for k in (0, 1):
         with model.fixed_branch(k):
-            for i, e in enumerate(eps_grid): acc[f'branch{k}'].append(_correct(model, attacked(e, i), y).float().mean().item())
+            xs = [attacked(e, i) for i, e in enumerate(eps_grid)]
+            acc[f'branch{k}'] = [_correct(model, xa, y).float().mean().item() for xa in xs]
             ce_clean, ce_adv = _ce(model, x, y), _ce(model, x_max, y)
         acc[f'ce_clean_b{k}'], acc[f'ce_adv_b{k}'] = ce_clean, ce_adv
+    # examples that do not aim at the WG (crafted on BN_{K−1} alone): can the WG tell their strength when it is not attacked itself?
+    for xa in xs:
+        with torch.no_grad(), attack_mode(model, 'eval'):
+            model(xa); w0 = model.w0()
+        w1_transfer.append((1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu())
     W = torch.stack(w1)  # ε × n
     mean = W.mean(1).tolist()
     rho = spearman(np.repeat(eps_grid, W.shape[1]), W.flatten().numpy())
+    Wt = torch.stack(w1_transfer)
     best = [max(a, b) for a, b in zip(acc['branch0'], acc['branch1'])]
     tol = 1/len(x)  # one sample
     return dict(eps=eps_grid, w1_mean=mean, w1_std=W.std(1).tolist(), rho=rho, w1_range=max(mean) - min(mean),
                 acc_fused=acc['fused'], acc_branch0=acc['branch0'], acc_branch1=acc['branch1'],
                 fused_at_least_best=float(np.mean([f >= b - tol for f, b in zip(acc['fused'], best)])),
                 ce_clean_b0=acc['ce_clean_b0'], ce_clean_b1=acc['ce_clean_b1'], ce_adv_b0=acc['ce_adv_b0'], ce_adv_b1=acc['ce_adv_b1'],
+                w1_transfer_mean=Wt.mean(1).tolist(), rho_transfer=spearman(np.repeat(eps_grid, Wt.shape[1]), Wt.flatten().numpy()),
                 flat=bool(not (abs(rho) >= 0.5) or max(mean) - min(mean) < 0.1))
 
 # %% ../nbs/22_probes.ipynb #0b76ac2e
@@ -227,3 +235,40 @@ def mechanism_flags(record:dict) -> list[dict]:
             + ("; for the perturbed pattern this is also what L_pd drives towards: compare the same estimators on an α = γ = 0 run"
                if k == 'pert' else ''))))
     return out
+
+# %% ../nbs/22_probes.ipynb #0289d244
+def plot_probes(metrics:list[dict], # a run's epoch records (`Run.metrics`)
+                title:str='', # prefix of the figure's title
+               ):
+    "The mechanism probe's curves over a run (AFA Stage II or F²AT); None when the run recorded no probe."
+    import matplotlib.pyplot as plt
+    recs = [m for m in metrics if any(k.startswith('probe_') for k in m)]
+    if not recs: return None
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.3))
+    if 'probe_w1_mean' in recs[-1]:
+        eps = [e*255 for e in recs[-1]['probe_eps']]
+        colours = plt.cm.viridis(np.linspace(0.1, 0.9, len(recs)))
+        for c, r in zip(colours, recs):
+            ax[0].plot(eps, r['probe_w1_mean'], 'o-', ms=3, color=c, label=f"epoch {r['epoch'] + 1}: ρ = {r['probe_rho']:.2f}")
+            if 'probe_w1_transfer_mean' in r: ax[0].plot(eps, r['probe_w1_transfer_mean'], '--', color=c)
+        # on the whole (0, 1) range: a flat curve must look flat, however the axis would autoscale
+        ax[0].set(xlabel='ε (/255)', ylabel='mean W₁ = 1 − W₀', ylim=(0, 1), title='fusing weight (solid: white-box; dashed: strongest branch’s examples)')
+        last = recs[-1]
+        for key, label in (('acc_branch0', 'branch 0 (clean BN)'), ('acc_branch1', 'branch K−1'), ('acc_fused', 'fused (AFA)')):
+            ax[1].plot(eps, [100*a for a in last[f'probe_{key}']], 'o-', ms=3, label=label)
+        ax[1].set(xlabel='ε (/255)', ylabel='PGD-10 accuracy (%)', title=f"each model's own PGD examples, epoch {last['epoch'] + 1}")
+    else:
+        ep = [r['epoch'] + 1 for r in recs]
+        for k, c in (('nat', 'C0'), ('pert', 'C1')):
+            ax[0].plot(ep, [r[f'probe_i_{k}'] for r in recs], 'o-', color=c, label=f'Î_{k}')
+            ax[0].plot(ep, [r[f'probe_i_{k}_shuffled'] for r in recs], 'x--', color=c, label=f'Î_{k}, shuffled pairs')
+        ax[0].set(xlabel='epoch', ylabel='DV estimate (nats)', title='MI estimates against their shuffled baselines')
+        ax[1].semilogy(ep, [r['probe_grad_ratio'] for r in recs], 'o-')
+        ax[1].set(xlabel='epoch', ylabel='‖∇ α·L_pd‖ / ‖∇ L_ce‖', title='gradient ratio on the probe batch')
+        for a in ax: a.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    for a in ax:
+        if a.get_legend_handles_labels()[0]: a.legend(fontsize=7)
+    fig.suptitle(f'{title} mechanism probe'.strip(), fontsize=9)
+    fig.tight_layout()
+    return fig
+

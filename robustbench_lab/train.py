@@ -69,6 +69,7 @@ DEFAULTS = dict(
     guide_arch=None, dynat_inner='dynamic', dynat_lambda=1.0, dynat_awp=False, dynat_guide_mode='train', dynat_label_smoothing=0.2,
     # AFA (Stage I: K-branch BN training; Stage II: the weight generator on a frozen Stage I backbone) and OAT
     afa_K=5, afa_xi=None, afa_stage=1, afa_from=None, afa_placement='stem', afa_clean_prob=0.2, afa_attack_steps=7,
+    afa_samples='fused',
     oat_eval_lambda=1.0,
     # F²AT (paper defaults; estimators pre-trained on a PGD-AT source model unless given)
     f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0, f2at_tau=0.07, f2at_v=0.995, f2at_margin='soft', f2at_ablation=None,
@@ -266,6 +267,7 @@ def _check_afa_f2at(c:dict):
     check('afa_stage', c['afa_stage'], int, choices=[1, 2]); check('afa_from', c['afa_from'], str, allow_none=True)
     check('afa_placement', c['afa_placement'], str, choices=['stem', 'per_layer'])
     check('afa_clean_prob', c['afa_clean_prob'], float, lo=0, hi=1); check('afa_attack_steps', c['afa_attack_steps'], int, lo=1)
+    check('afa_samples', c['afa_samples'], str, choices=['fused', 'strong_branch'])
     check('oat_eval_lambda', c['oat_eval_lambda'], float, choices=OAT_LAMBDAS)
     if c['method'] == 'afa' and c['afa_stage'] == 1 and c['objective'] not in ('pgdat', 'trades', 'mart', 'iat'):
         raise ConfigError(f"objective = {c['objective']!r}: AFA's base objective is one of 'pgdat', 'trades', 'mart', 'iat'")
@@ -409,7 +411,8 @@ def build_method(cfg:dict, helper:nn.Module|None=None, estimators:tuple|None=Non
         return LBGAT(natural, beta=cfg['beta'] or 0.0, clip_start=cfg['clip_start'], **_attack_kw(cfg))
     if cfg['method'] == 'afa':
         if cfg['afa_stage'] == 2:
-            return AFAStage2(eps=cfg['eps'], clean_prob=cfg['afa_clean_prob'], steps=cfg['steps'] or 10, alpha=cfg['alpha'])
+            return AFAStage2(eps=cfg['eps'], clean_prob=cfg['afa_clean_prob'], steps=cfg['steps'] or 10, alpha=cfg['alpha'],
+                             samples=cfg['afa_samples'])
         return AFA(build_objective(cfg), K=cfg['afa_K'], xi=cfg['afa_xi'] or default_xi(cfg['afa_K'], cfg['eps']),
                    attack_steps=cfg['afa_attack_steps'])
     if cfg['method'] == 'f2at':
@@ -601,6 +604,8 @@ def run_state(cfg:dict) -> tuple[Path, Path|None]:
         raise ConfigError(f"run_name = {cfg['run_name']!r}: {run_dir} exists; pass resume=True (or 'auto') to continue it, or choose another name")
     if cfg['resume'] and (run_dir/'config.json').exists():
         old, new = ({k: v for k, v in c.items() if k not in RUN_ONLY_KEYS} for c in (json.loads((run_dir/'config.json').read_text()), cfg))
+        # a setting added after the run was made did what its default does now: absent means default
+        old = {**{k: DEFAULTS[k] for k in new if k not in old and k in DEFAULTS}, **old}
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff: raise ConfigError(f"resume: {run_dir} was created with different settings ({', '.join(diff)})")
     return run_dir, (last if cfg['resume'] and last.exists() else None)
@@ -748,7 +753,7 @@ PIPELINES = {
                         weight_decay=2e-4, eps=None, alpha=None, steps=None, n_train=None, n_eval=200, suite='monitor',
                         n_report=None, **_COMMON),
     'train_afa': dict(K=5, xi=None, base='pgdat', placement='stem', stage1_epochs=2, stage1_lr=0.1, stage2_epochs=1, stage2_lr=0.01,
-                      clean_prob=0.2, attack_steps=7, dataset='digits', arch='small_cnn', width=None, batch_size=128, weight_decay=5e-4,
+                      clean_prob=0.2, attack_steps=7, samples='fused', dataset='digits', arch='small_cnn', width=None, batch_size=128, weight_decay=5e-4,
                       schedule='multistep', eps=None, n_train=None, n_eval=200, suite='afa', n_report=None, probe_n=256, **_COMMON),
     'train_f2at': dict(K=2, alpha_pd=0.1, gamma=1.0, tau=0.07, v=0.995, margin='soft', ablation=None, source='features',
                        mode='frozen', nat_bn='batch', alpha_warmup=0, estimators=None, source_run=None, source_epochs=None,
@@ -764,7 +769,7 @@ PIPELINE_NAMES = {
     'train_dynat': dict(inner='dynat_inner', lam='dynat_lambda', awp='dynat_awp', guide_mode='dynat_guide_mode',
                         label_smoothing='dynat_label_smoothing'),
     'train_afa': dict(K='afa_K', xi='afa_xi', base='objective', placement='afa_placement', clean_prob='afa_clean_prob',
-                      attack_steps='afa_attack_steps'),
+                      attack_steps='afa_attack_steps', samples='afa_samples'),
     'train_f2at': dict(K='f2at_K', alpha_pd='f2at_alpha', gamma='f2at_gamma', tau='f2at_tau', v='f2at_v', margin='f2at_margin',
                        ablation='f2at_ablation', source='f2at_source', mode='f2at_mode', nat_bn='f2at_nat_bn',
                        alpha_warmup='f2at_alpha_warmup', estimators='f2at_estimators', source_run='f2at_source_run',

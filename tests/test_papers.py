@@ -268,6 +268,9 @@ def test_train_afa_pipeline_rejects_k1_and_bad_xi(tmp_path):
             '-p', 'K', '3', '-y', 'xi: [0, 8]', '-p', 'runs_dir', str(tmp_path/'runs')]
     out = subprocess.run(args, capture_output=True, text=True, cwd=REPO/'nbs')
     assert out.returncode != 0 and 'length 3' in out.stderr + out.stdout and not (tmp_path/'runs').exists()
+    out = _papermill({'samples': 'branch'}, tmp_path)
+    msg = out.stderr + out.stdout
+    assert out.returncode != 0 and "samples = 'branch'" in msg and 'strong_branch' in msg and not (tmp_path/'runs').exists()
 
 
 # ---------------------------------------------------------------- F²AT

@@ -154,6 +154,12 @@ def test_run_folder_and_metrics(tmp_path):
     assert cfg['eps'] == 0.1 and cfg['objective'] == 'pgdat' and 'resume' not in cfg
     with pytest.raises(ConfigError, match='exists'): train(run_name='r', **_common(tmp_path))
     with pytest.raises(ConfigError, match='different settings'): train(run_name='r', resume=True, **{**_common(tmp_path), 'lr': 0.05})
+    # a run made before a setting existed resumes when the setting is at its default, and only then
+    cfg.pop('afa_samples'); (run.dir/'config.json').write_text(json.dumps(cfg))
+    same = {**_common(tmp_path), 'report_best': True, 'checkpoint_every': None}
+    with pytest.raises(ConfigError, match=r'different settings \(afa_samples\)'):
+        train(run_name='r', resume=True, **same, afa_samples='strong_branch')
+    assert train(run_name='r', resume=True, **same).config['epochs'] == 3
 
 
 def test_presets_fill_defaults_and_yield_to_explicit_values():
