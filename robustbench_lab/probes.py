@@ -129,8 +129,9 @@ def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fix
             acc[f'branch{k}'] = [_correct(model, xa, y).float().mean().item() for xa in xs]
             ce_clean, ce_adv = _ce(model, x, y), _ce(model, x_max, y)
         acc[f'ce_clean_b{k}'], acc[f'ce_adv_b{k}'] = ce_clean, ce_adv
+        if k == 1: strong = xs
     # examples that do not aim at the WG (crafted on BN_{K−1} alone): can the WG tell their strength when it is not attacked itself?
-    for xa in xs:
+    for xa in strong:
         with torch.no_grad(), attack_mode(model, 'eval'):
             model(xa); w0 = model.w0()
         w1_transfer.append((1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu())
