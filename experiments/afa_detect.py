@@ -2,15 +2,19 @@
 on the same stem features) directly as a detector — BCE, clean vs PGD-10 examples — on a finished Stage II run's
 frozen backbone, and measure its ROC AUC per strength on held-out test images. If it cannot separate 8/255 examples
 from clean ones, no Stage II recipe can make W(eps) follow eps at this scale; if it can, Stage II's CE objective is
-what fails to teach it. One JSON line per call to experiments/results/afa_detect.jsonl.
+what fails to teach it. Given a run without dual BN (e.g. a standard-trained model), the same detector on that model's
+features and its own PGD examples: the control that says whether the detector can detect anything at this scale.
+One JSON line per call to experiments/results/afa_detect.jsonl.
 
-    python experiments/afa_detect.py afa-search-w32-n10k-e6-stem --n-train 4096 --n-test 1024 --epochs 15 [--layer last]"""
+    python experiments/afa_detect.py afa-search-w32-n10k-e6-stem --n-train 4096 --n-test 1024 --epochs 15 [--layer last]
+    python experiments/afa_detect.py f2at-c10-standard --layer last   # the control"""
 import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from scipy.stats import rankdata
 import torch.nn.functional as F
 
@@ -42,12 +46,14 @@ def auc(neg, pos):
 t0 = time.time()
 run = Run.load(a.run)
 model = run.model().eval()
+dual_bn = hasattr(model, 'fixed_branch')  # an AFA model; otherwise a plain classifier, attacked white-box
+net = model.backbone if dual_bn else model
 feats = []
 if a.layer == 'stem':
-    site = _first_conv(model.backbone); channels = site.out_channels
+    site = _first_conv(net); channels = site.out_channels
     site.register_forward_hook(lambda m, i, o: feats.append(o.detach()))
 else:
-    bns = multibn_layers(model.backbone)
+    bns = multibn_layers(net) if dual_bn else [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     site = bns[len(bns)//2] if a.layer == 'middle' else bns[-1]; channels = site.num_features
     site.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
 xtr, ytr = load_arrays('cifar10', 'train'); xte, yte = load_arrays('cifar10', 'test')
@@ -67,7 +73,7 @@ def attacked(x, y, eps, source, key):
     out = []
     for s in range(0, len(x), 256):
         with random_scope(a.seed, key, s):
-            if source == 'strong_branch':
+            if source == 'strong_branch' and dual_bn:
                 with model.fixed_branch(1): out.append(PGD(eps=eps, steps=10)(model, x[s:s + 256], y[s:s + 256]))
             else: out.append(PGD(eps=eps, steps=10)(model, x[s:s + 256], y[s:s + 256]))
     return torch.cat(out)
@@ -90,7 +96,7 @@ for epoch in range(a.epochs):
         opt.zero_grad(); loss.backward(); opt.step(); tot += loss.item()*len(i)
     print(f'epoch {epoch + 1}: BCE {tot/len(fx):.4f}', flush=True)
 det.eval()
-tests = {f'{source}@{k}/255': attacked(xte, yte, k/255, source, 100 + k) for source in ('strong_branch', 'fused') for k in (1, 2, 4, 8)}
+tests = {f'{source}@{k}/255': attacked(xte, yte, k/255, source, 100 + k) for source in (('strong_branch', 'fused') if dual_bn else ('model',)) for k in (1, 2, 4, 8)}
 
 
 def highpass_energy(x):
@@ -110,5 +116,5 @@ print(f'held-out AUC (clean vs attacked, {a.n_test} test images): ' + ', '.join(
 print('the same pairs separated by the high-pass energy alone: ' + ', '.join(f'{k} {v:.3f}' for k, v in res_hp.items()), flush=True)
 Path('experiments/results').mkdir(parents=True, exist_ok=True)
 with open('experiments/results/afa_detect.jsonl', 'a') as f:
-    f.write(json.dumps(dict(run=a.run, layer=a.layer, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, lr=a.lr, seed=a.seed, auc=res, auc_highpass=res_hp,
+    f.write(json.dumps(dict(run=a.run, dual_bn=dual_bn, layer=a.layer, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, lr=a.lr, seed=a.seed, auc=res, auc_highpass=res_hp,
                             train_auc=train_auc, seconds=time.time() - t0)) + '\n')
