@@ -85,10 +85,13 @@ def run_autoattack(model:nn.Module, x:torch.Tensor, y:torch.Tensor, eps:float, n
     try:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), attack_mode(model, 'eval'):
             # in one process, one package call per component on all still-robust points (the package batches them itself and
-            # runs its own clean pass and model checks once per call); in a process group, one call per batch of those points,
-            # the batches dealt out: the same batches, each seeded alike, so the same per-sample results either way
+            # runs its own clean pass and model checks once per call; it copies those points once more on the device); in a
+            # process group, one call per batch of them, the batches dealt out: the same batches, each seeded alike, so for a
+            # deterministic model the same per-sample results either way
             one_call = distributed.world_size() == 1
-            if state['robust'] is None:
+            # a group needs the clean-correct points before its first component to cut the package's batches (also when
+            # resuming a state that a single process began)
+            if state['robust'] is None or (not one_call and not state['done']):
                 if one_call: state['robust'] = torch.ones(len(x), dtype=torch.bool)  # the first call's clean pass drops the misclassified
                 else:
                     with torch.no_grad():
