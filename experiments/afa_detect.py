@@ -61,7 +61,7 @@ xtr, ytr = xtr[:a.n_train].float()/255, ytr[:a.n_train]
 xte, yte = xte[:a.n_test].float()/255, yte[:a.n_test]
 
 
-def stem_features(x):
+def features(x):
     feats.clear()
     with torch.no_grad():
         for s in range(0, len(x), 256): model(x[s:s + 256])
@@ -80,8 +80,8 @@ def attacked(x, y, eps, source, key):
 
 
 # training set: each image once clean, once at 8/255 (crafted on the strongest branch: not aimed at any detector)
-f_clean = stem_features(xtr)
-f_adv = stem_features(attacked(xtr, ytr, 8/255, 'strong_branch', 0))
+f_clean = features(xtr)
+f_adv = features(attacked(xtr, ytr, 8/255, 'strong_branch', 0))
 fx = torch.cat([f_clean, f_adv]); fy = torch.cat([torch.zeros(len(f_clean)), torch.ones(len(f_adv))])
 print(f'features ready in {time.time() - t0:.0f}s', flush=True)
 torch.manual_seed(a.seed)
@@ -107,8 +107,8 @@ def highpass_energy(x):
 
 
 with torch.no_grad():
-    clean = det(stem_features(xte))
-    res = {k: auc(clean, det(stem_features(v))) for k, v in tests.items()}
+    clean = det(features(xte))
+    res = {k: auc(clean, det(features(v))) for k, v in tests.items()}
     res_hp = {k: auc(highpass_energy(xte), highpass_energy(v)) for k, v in tests.items()}
     train_auc = auc(det(f_clean[:1024]), det(f_adv[:1024]))
 print(f'held-out AUC (clean vs attacked, {a.n_test} test images): ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items())

@@ -84,29 +84,24 @@ def run_autoattack(model:nn.Module, x:torch.Tensor, y:torch.Tensor, eps:float, n
     logger.addHandler(handler)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), attack_mode(model, 'eval'):
-            # in one process, one package call per component on all still-robust points (the package batches them itself and
-            # runs its own clean pass and model checks once per call; it copies those points once more on the device); in a
-            # process group, one call per batch of them, the batches dealt out: the same batches, each seeded alike, so for a
-            # deterministic model the same per-sample results either way
-            one_call = distributed.world_size() == 1
-            # a group needs the clean-correct points before its first component to cut the package's batches (also when
-            # resuming a state that a single process began)
-            if state['robust'] is None or (not one_call and not state['done']):
-                if one_call: state['robust'] = torch.ones(len(x), dtype=torch.bool)  # the first call's clean pass drops the misclassified
-                else:
-                    with torch.no_grad():
-                        state['robust'] = torch.cat(distributed.map_batches(lambda s: (model(x[s]).argmax(1) == y[s]).cpu(), _slices(len(x), batch_size)))
+            if state['robust'] is None:
+                with torch.no_grad():
+                    state['robust'] = torch.cat(distributed.map_batches(lambda s: (model(x[s]).argmax(1) == y[s]).cpu(), _slices(len(x), batch_size)))
                 state['x_adv'] = x.detach().cpu().clone()
                 _aa_save(state_path, state)
             for name in plan:
                 if name in state['done']: continue
                 idx = state['robust'].nonzero().flatten()
                 adversary.attacks_to_run = [name]
+                # in one process, one package call per component on all still-robust points (the package batches them itself and
+                # runs its own clean pass and model checks once per call; it copies those points once more on the device); in a
+                # process group, one call per batch of them, the batches dealt out: the same batches, each seeded alike, so for a
+                # deterministic model the same per-sample results either way
                 def run_batch(s, name=name, idx=idx):
                     j = idx[s].to(device)
                     xa, ya = adversary.run_standard_evaluation(x[j].contiguous(), y[j].contiguous(), batch_size=batch_size)
                     return (ya != y[j]).cpu(), xa.detach().cpu()
-                slices = [slice(0, len(idx))] if one_call and len(idx) else _slices(len(idx), batch_size)
+                slices = _slices(len(idx), max(len(idx), 1) if distributed.world_size() == 1 else batch_size)
                 for s, (broken, xa) in zip(slices, distributed.map_batches(run_batch, slices)):
                     j = idx[s]
                     state['robust'][j[broken]] = False
