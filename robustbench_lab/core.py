@@ -260,9 +260,10 @@ def set_rng_state(state:dict # as returned by `get_rng_state`
     v, internal, gauss = state['python']
     random.setstate((v, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    # a checkpoint read onto a GPU (`map_location='cuda'`) holds these tensors there; the generators take CPU byte tensors
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 # %% ../nbs/00_core.ipynb #859f6520
 import contextlib

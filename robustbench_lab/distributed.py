@@ -125,6 +125,8 @@ def all_reduce_sum_(tensors:list) -> list:
     tensors = [t for t in tensors if t is not None]
     if not active() or not tensors: return tensors
     flat = torch.cat([t.reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors])
+    if dist.get_backend() == 'nccl' and flat.device.type != 'cuda':  # nccl reduces CUDA tensors only (logs, scalars live on the CPU)
+        flat = flat.to(torch.device('cuda', torch.cuda.current_device()))
     dist.all_reduce(flat)
     i = 0
     for t in tensors:
@@ -135,9 +137,7 @@ def all_reduce_sum_(tensors:list) -> list:
 def sum_scalar(value:float|torch.Tensor) -> torch.Tensor:
     "A batch-level sum (a KL summed over the batch, a weight total) across processes."
     t = value.detach().clone().reshape(1).double() if isinstance(value, torch.Tensor) else torch.tensor([float(value)], dtype=torch.float64)
-    if active():
-        dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-        t = t.to(dev); dist.all_reduce(t)
+    all_reduce_sum_([t])
     return t[0].to(value.device, value.dtype) if isinstance(value, torch.Tensor) else t[0]
 
 
@@ -337,6 +337,6 @@ def probe(n:int=1) -> dict:
     "Join the group and all-reduce a number (what `launch(probe, nproc=N)` uses to check that N processes can talk)."
     r, w = join_group()
     t = torch.tensor([float(r + n)])
-    dist.all_reduce(t)
+    all_reduce_sum_([t])
     print(f'rank {r} of {w}: all-reduce gives {t.item():g}', flush=True)
     return dict(rank=r, world_size=w, total=t.item())

@@ -23,9 +23,10 @@ from .data import Loader
 from .methods import Method
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'NONFINITE', 'RUN_ONLY_KEYS', 'Schedule', 'CancelFitException', 'Callback',
-           'save_checkpoint', 'load_checkpoint', 'TrainingDiverged', 'nonfinite_terms', 'first_nonfinite',
-           'TrainingLoop', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
+__all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'NONFINITE', 'RUN_ONLY_KEYS', 'RECOMPILE_LIMIT', 'Schedule',
+           'CancelFitException', 'Callback', 'save_checkpoint', 'load_checkpoint', 'TrainingDiverged',
+           'nonfinite_terms', 'first_nonfinite', 'TrainingLoop', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB',
+           'StepLogCB', 'CheckpointCB', 'ProgressCB']
 
 # %% ../nbs/07_learner.ipynb #9e7ce642
 SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cosine_epoch', 'cyclic', 'linear', 'linear_epoch', 'onecycle', 'constant')
@@ -155,8 +156,16 @@ def first_nonfinite(named_tensors) -> str|None:
     return next(n for (n, _), v in zip(named, norms) if not torch.isfinite(v))
 
 
+# dynamo compiles one graph per variant of the forward a method calls (train/eval BN, grad mode, input and parameter
+# requires_grad, BN branch); AFA's Stage I makes 9 at K = 5, OAT's per-sample routing about 20, and past its default
+# limit of 8 dynamo silently runs the remaining variants eagerly
+RECOMPILE_LIMIT = 64
+
+
 def _compile(model, compile):
     if compile is False: return model
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(model) if compile is True else torch.compile(model, backend=compile)
 
 # %% ../nbs/07_learner.ipynb #dde0b013
