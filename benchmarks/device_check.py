@@ -11,8 +11,9 @@ Sections, in this order (the most informative per second first; each row is skip
 the JSON is rewritten after every row, so a run stopped at its time limit keeps what it measured):
 1. **throughput**: PGD-10 PGD-AT (ε = 8/255, step 2/255, batch 128) on `preact_resnet18` and `wrn-34-10`: a plain
    reference loop (input-gradient PGD in eval mode, fp32, NCHW) and the learner with fp32 / bf16 × NCHW / channels-last
-   × eager / compiled (eager rows first); the other architectures of the papers' recipes in the estimates' setting
-   (bf16, channels-last, eager); img/s and a 50,000-image epoch extrapolated.
+   × eager / compiled (eager rows first), and once with cuDNN autotuning instead of the deterministic kernels every
+   training run requests; the other architectures of the papers' recipes in the estimates' setting (bf16,
+   channels-last, eager); img/s and a 50,000-image epoch extrapolated.
 2. **distributed** (issue 13): the same training through `train()` in this process and through the elastic launcher
    with one process (the path `torchrun` and `train(nproc=N)` take), alternately; the training throughput of the
    epochs after the first and the wall time of each call.
@@ -29,6 +30,7 @@ the JSON is rewritten after every row, so a run stopped at its time limit keeps 
 One JSON file (`--out`) and a table on stdout. Exit status 1 when a check failed.
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -220,7 +222,20 @@ def learner_at(model, loader, n_batches, **kw):
 def setting_label(s):
     if s is None: return 'reference loop (fp32, NCHW, eager)'
     return (f"learner {s['amp'] or 'fp32'}, {'channels-last' if s['channels_last'] else 'NCHW'}, "
-            + ('compiled' if s['compile'] is True else f"compile={s['compile']!r}" if s['compile'] else 'eager'))
+            + ('compiled' if s['compile'] is True else f"compile={s['compile']!r}" if s['compile'] else 'eager')
+            + (', autotuned (not deterministic)' if s.get('deterministic') is False else ''))
+
+
+@contextlib.contextmanager
+def kernel_choice(deterministic:bool):
+    "Inside: cuDNN autotuning and any kernels (`deterministic=False`), or the deterministic kernels every run requests."
+    if deterministic: yield; return
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    torch.use_deterministic_algorithms(False)
+    try: yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def throughput_plan(a, device, compiled):
@@ -231,6 +246,8 @@ def throughput_plan(a, device, compiled):
         return [(arch, s) for arch in a.throughput_archs for s in settings]
     settings = [dict(amp=None, channels_last=False, compile=False), dict(amp=None, channels_last=True, compile=False)]
     if device == 'cuda': settings += [dict(amp='bf16', channels_last=False, compile=False), dict(amp='bf16', channels_last=True, compile=False)]
+    # what the deterministic kernels every training run requests (`seed_everything`) cost: cuDNN autotuned instead
+    settings += [dict(settings[-1], deterministic=False)]
     return [(arch, s) for arch in a.throughput_archs for s in [None] + settings] + \
            [(arch, a.estimate_setting) for arch in a.estimate_archs if arch not in a.throughput_archs]
 
@@ -248,7 +265,11 @@ def check_throughput(a, device, x, y, res, compiled=False):
             m = create_model(arch, 'cifar10', **kw).to(device)
             return m, Loader(x, y, batch_size=128, shuffle=True, augment=default_augment('cifar10'), seed=0, device=device, channels_last=cl)
         try:
-            v = plain_at(*fresh(False), a.batches, sync) if s is None else learner_at(*fresh(s['channels_last']), a.batches, device=device, **s)
+            if s is None: v = plain_at(*fresh(False), a.batches, sync)
+            else:
+                model, loader = fresh(s['channels_last'])
+                with kernel_choice(s.get('deterministic', True)):
+                    v = learner_at(model, loader, a.batches, device=device, **{k: w for k, w in s.items() if k != 'deterministic'})
             ref = [r['img_per_s'] for r in res.out.get('throughput', []) if r['arch'] == arch and r.get('reference') and 'img_per_s' in r]
             row = dict(arch=arch, setting=label, reference=s is None, **(s or {}), img_per_s=v, epoch_s=TRAIN_IMAGES/v,
                        **(dict(vs_reference=v/ref[0]) if ref and s is not None else {}))
@@ -256,7 +277,7 @@ def check_throughput(a, device, x, y, res, compiled=False):
             row = dict(arch=arch, setting=label, reference=s is None, error=f'{type(e).__name__}: {e}'[:300],
                        traceback=traceback.format_exc()[-2000:])
         res.add('throughput', row)
-        print(f"  {arch:16s} {label:44s} " + (f"{row['img_per_s']:9.1f} img/s  epoch {row['epoch_s']:8.1f}s"
+        print(f"  {arch:16s} {label:66s} " + (f"{row['img_per_s']:9.1f} img/s  epoch {row['epoch_s']:8.1f}s"
               + (f"  {row['vs_reference']:.2f}x" if 'vs_reference' in row else '') if 'error' not in row else 'ERROR ' + row['error']), flush=True)
 
 
@@ -370,7 +391,7 @@ def estimate_recipes(a, out) -> list:
     "Each recipe's training hours on 1 and 8 GPUs from the measured per-image costs (the missing measurement named where one is)."
     est = a.estimate_setting
     at = {r['arch']: r['img_per_s'] for r in out.get('throughput', []) if 'img_per_s' in r and not r.get('reference')
-          and all(r.get(k) == v for k, v in est.items())}
+          and r.get('deterministic', True) and all(r.get(k) == v for k, v in est.items())}
     method = {r['method']: r['img_per_s_steady'] for r in out.get('methods', []) if r.get('ok') and r.get('img_per_s_steady')}
     rows = []
     for preset in METHOD_PRESETS:
