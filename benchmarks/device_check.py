@@ -29,16 +29,20 @@ the JSON is rewritten after every row, so a run stopped at its time limit keeps 
    8-GPU figure assumes perfect scaling. Per-epoch evaluation and helper/estimator pre-training are not included.
 One JSON file (`--out`) and a table on stdout. Exit status 1 when a check failed.
 """
+import time
+
+STARTED = time.perf_counter()  # the time budget counts from here, before torch's (slow, on a fresh machine) import
+
 import argparse
 import contextlib
 import json
 import logging
 import math
 import platform
+import signal
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -66,12 +70,14 @@ TRAIN_IMAGES = 50000  # CIFAR-10 / CIFAR-100 training set, for epoch times
 
 
 class Results:
-    "The rows measured so far, by section, rewritten to `path` after every row; rows past the time budget are recorded as skipped."
-    def __init__(self, path, budget_s, head, resume=None):
-        self.path, self.budget_s, self.t0 = Path(path), budget_s, time.perf_counter()
+    "The rows measured so far, by section, and what they add up to, rewritten to `path` after every row; rows past the time budget are recorded as skipped."
+    def __init__(self, path, budget_s, head, summarise, resume=None):
+        self.path, self.budget_s, self.summarise = Path(path), budget_s, summarise
         self.out = dict(head, budget_s=budget_s)
         if resume:  # keep the rows an earlier call measured; what it skipped runs now
             old = json.loads(Path(resume).read_text())
+            if old.get('tiny') != head['tiny']:
+                raise ValueError(f"--resume: {resume} was written {'with' if old.get('tiny') else 'without'} --tiny, this call is the other kind")
             for section in ('throughput', 'distributed', 'resume', 'methods', 'autoattack'):
                 rows = old.get(section) or []
                 rows = [rows] if isinstance(rows, dict) else rows
@@ -86,7 +92,7 @@ class Results:
         rows = [rows] if isinstance(rows, dict) else rows
         return any(all(r.get(k) == v for k, v in key.items()) for r in rows)
 
-    def spent(self) -> bool: return bool(self.budget_s) and time.perf_counter() - self.t0 > self.budget_s
+    def spent(self) -> bool: return bool(self.budget_s) and time.perf_counter() - STARTED > self.budget_s
 
     def add(self, section, row, key=()):
         "Record `row`, in place of an earlier row with the same values of the fields in `key`."
@@ -103,7 +109,8 @@ class Results:
         return row
 
     def write(self):
-        self.out['seconds'] = time.perf_counter() - self.t0
+        "The rows and their summaries (estimates, overheads, failures), so that a call killed at its limit loses only its last row."
+        self.out.update(self.summarise(self.out), seconds=time.perf_counter() - STARTED)
         with atomic_write(self.path, 'w') as f: json.dump(self.out, f, indent=1)
 
 
@@ -152,6 +159,8 @@ def check_methods(a, runs_dir, device, res):
         pair = ['afa-paper stage 1', 'afa-paper stage 2'] if label.startswith('afa-paper') else [label]
         if all(res.done('methods', method=m) for m in pair): continue
         if res.spent(): res.skip('methods', method=label); continue
+        if label == 'afa-paper stage 2' and not any(r.get('ok') for r in res.out.get('methods', []) if r['method'] == 'afa-paper stage 1'):
+            res.add('methods', dict(method=label, ok=False, why='not run: Stage I failed'), key=('method',)); continue
         # each method compiles as in a process of its own: dynamo's recompile limit counts the variants of the one
         # forward that all models share, which would otherwise add up over the methods
         torch._dynamo.reset()
@@ -306,13 +315,15 @@ def check_distributed(a, device, runs_dir, res):
             res.add('distributed', row)
             print(f"  pair {pair + 1} {mode:11s} " + (f"{row['img_per_s']:9.1f} img/s (epochs 2-{row['epochs']}), call {row['wall_s']:6.1f}s"
                   if 'error' not in row else 'ERROR ' + row['error']), flush=True)
-    by = {(r['pair'], r['mode']): r for r in res.out.get('distributed', []) if 'img_per_s' in r}
-    ratios = [by[p, 'in-process']['img_per_s']/by[p, 'launched']['img_per_s'] for p in range(a.ddp_pairs)
-              if (p, 'in-process') in by and (p, 'launched') in by]
-    if ratios:
-        res.out['distributed_overhead'] = dict(pairs=len(ratios), time_ratio_per_pair=ratios, overhead_median=statistics.median(ratios) - 1)
-        print(f"  the launched path's per-image training time over in-process: {100*(statistics.median(ratios) - 1):+.1f}% (median of {len(ratios)})", flush=True)
-        res.write()
+    if o := res.out.get('distributed_overhead'):
+        print(f"  the launched path's per-image training time over in-process: {100*o['overhead_median']:+.1f}% (median of {o['pairs']})", flush=True)
+
+
+def distributed_overhead(out) -> dict|None:
+    "The launched path's per-image training time over the in-process one, per pair and their median."
+    by = {(r['pair'], r['mode']): r for r in out.get('distributed', []) if 'img_per_s' in r}
+    ratios = [by[p, 'in-process']['img_per_s']/by[p, 'launched']['img_per_s'] for p, m in sorted(by) if m == 'in-process' and (p, 'launched') in by]
+    return dict(pairs=len(ratios), time_ratio_per_pair=ratios, overhead_median=statistics.median(ratios) - 1) if ratios else None
 
 
 def check_resume(a, device, runs_dir, res):
@@ -411,6 +422,21 @@ def estimate_recipes(a, out) -> list:
     return rows
 
 
+def row_name(section, r) -> str:
+    "How the summaries name a row."
+    return dict(throughput=lambda: f"{r['arch']} {r['setting']}", distributed=lambda: f"distributed pair {r['pair'] + 1} {r['mode']}",
+                resume=lambda: f"resume {r['run']}", methods=lambda: r['method'], autoattack=lambda: 'autoattack')[section]()
+
+
+def summarise(a, out) -> dict:
+    "What the rows so far add up to: the estimates, the distributed path's overhead, the failed and the skipped rows."
+    rows = [(s, r) for s in ('throughput', 'distributed', 'resume', 'autoattack', 'methods')
+            for r in ([out[s]] if isinstance(out.get(s), dict) else out.get(s) or [])]
+    return dict(estimates=estimate_recipes(a, out), distributed_overhead=distributed_overhead(out),
+                failed=[row_name(s, r) for s, r in rows if 'error' in r or r.get('ok') is False],
+                skipped=[row_name(s, r) for s, r in rows if 'skipped' in r])
+
+
 def configure(a, device):
     "The sizes of a GPU run or of the tiny CPU run."
     if a.tiny:
@@ -431,7 +457,7 @@ def main(argv=None):
     p.add_argument('--tiny', action='store_true', help='CPU, tiny sizes: the CI run of the same code')
     p.add_argument('--out', default='device_check.json')
     p.add_argument('--budget-s', type=float, default=None,
-                   help='start no row after this many seconds (default: 480 on CUDA, none under --tiny); 0: none')
+                   help='start no row this many seconds after the start (default: 420 on CUDA, none under --tiny); 0: none')
     p.add_argument('--only', default=','.join(SECTIONS), help=f'comma-separated sections to run, of {",".join(SECTIONS)}')
     p.add_argument('--methods', default=None, help='comma-separated presets for the methods section (default: all)')
     p.add_argument('--resume', default=None, help="an earlier call's JSON: keep its rows, run what it skipped or lacked")
@@ -447,14 +473,17 @@ def main(argv=None):
     if device == 'cuda' and not torch.cuda.is_available():
         print('device_check: no CUDA device here; use --tiny for the CPU run', file=sys.stderr); return 2
     configure(a, device)
-    budget = a.budget_s if a.budget_s is not None else (0 if a.tiny else 480)
+    budget = a.budget_s if a.budget_s is not None else (0 if a.tiny else 420)
     keep_freed_memory()
     x, y = load_arrays('cifar10', 'train')
     x, y = x[:(a.batches + 2)*128], y[:(a.batches + 2)*128]
     gpu = torch.cuda.get_device_name() if device == 'cuda' else None
     head = dict(machine=dict(gpu=gpu, cpu=platform.processor() or platform.machine(), torch=torch.__version__,
                              python=platform.python_version(), threads=torch.get_num_threads()), tiny=a.tiny, sections=only)
-    res = Results(a.out, budget, head, resume=a.resume)
+    try: res = Results(a.out, budget, head, lambda out: summarise(a, out), resume=a.resume)
+    except ValueError as e: p.error(str(e))
+    # the device tool ends a call at its limit: keep what was measured (every row is written already) and say so
+    signal.signal(signal.SIGTERM, lambda *_: (res.out.update(stopped='SIGTERM'), res.write(), sys.exit(143)))
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         if 'throughput' in only:
@@ -469,21 +498,13 @@ def main(argv=None):
         if 'compiled' in only:
             print('5. PGD-10 PGD-AT throughput (compiled):', flush=True); check_throughput(a, device, x, y, res, compiled=True)
     out = res.out
-    out['estimates'] = estimate_recipes(a, out)
+    res.write()
     print(f"6. estimated training time (epochs x {TRAIN_IMAGES} images; {setting_label(a.estimate_setting)} for the architecture "
           f"factor, the methods' own setting on {a.arch}; 8 GPUs assume perfect scaling):", flush=True)
     for r in out['estimates']:
         print(f"  {r['recipe']:20s} {r['arch']:16s} {r['epochs']:4d} epochs  " + (f"{r['epoch_s']:8.1f} s/epoch  {r['hours_1_gpu']:7.2f} h on 1 GPU  "
               f"{r['hours_8_gpus_ideal']:6.2f} h on 8" if 'missing' not in r else 'not estimated, missing: ' + '; '.join(r['missing'])), flush=True)
-    aa = out.get('autoattack') or {}
-    failed = [r['method'] for r in out.get('methods', []) if not r.get('ok', True)] \
-             + [f"{r['arch']} {r['setting']}" for r in out.get('throughput', []) if 'error' in r] \
-             + [f"distributed {r['mode']}" for r in out.get('distributed', []) if 'error' in r] + (['autoattack'] if 'error' in aa else []) \
-             + [f"resume {r['run']}" for r in out.get('resume', []) if not r.get('ok', True)]
-    skipped = [r.get('method') or r.get('setting') or r.get('mode') or r.get('run') for s in ('throughput', 'distributed', 'resume', 'methods')
-               for r in out.get(s, []) if 'skipped' in r] + (['autoattack'] if 'skipped' in aa else [])
-    out.update(failed=failed, skipped=skipped)
-    res.write()
+    failed, skipped = out['failed'], out['skipped']
     print(f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; {len(skipped)} skipped (time budget); "
           f"{out['seconds']:.0f}s; results in {a.out}", flush=True)
     return 1 if failed else 0

@@ -11,6 +11,7 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -269,6 +270,9 @@ def _worker_log(log_dir:str, rank:int, name:str='stderr.log', lines:int=15) -> s
     return '\n'.join(text[-lines:])
 
 # %% ../nbs/09_distributed.ipynb #bb44f5c5
+_LAUNCHER_SIGNALS = tuple(getattr(signal, s) for s in ('SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT') if hasattr(signal, s))
+
+
 def launch(fn:Callable, # a module-level function, run in every process
            args:tuple=(), # its arguments (picklable)
            nproc:int=2, # processes on this machine
@@ -300,6 +304,9 @@ def launch(fn:Callable, # a module-level function, run in every process
     threads = os.environ.get('OMP_NUM_THREADS')
     if threads is None:  # as torchrun: share the cores instead of every process spinning threads on all of them
         os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1)//nproc))
+    # the launcher turns SIGTERM/SIGINT/SIGHUP/SIGQUIT into its own exception in this process and leaves it so: the caller's
+    # handlers (a notebook's interrupt, a script's clean exit) come back afterwards
+    handlers = {s: signal.getsignal(s) for s in _LAUNCHER_SIGNALS} if threading.current_thread() is threading.main_thread() else {}
     try:
         elastic_launch(config, sys.executable)('-u', '-m', 'robustbench_lab.distributed', payload, result)
     except ChildFailedError as e:
@@ -309,6 +316,7 @@ def launch(fn:Callable, # a module-level function, run in every process
         raise WorkerFailed(f'distributed worker rank {r} of {nproc} failed ({how}); the other processes were stopped.'
                            + (f'\nlast lines of rank {r}\'s error output:\n{detail}' if detail else '')) from None
     finally:
+        for s, h in handlers.items(): signal.signal(s, h)
         if threads is None: os.environ.pop('OMP_NUM_THREADS', None)
         for l, lv in zip(quiet, levels): l.setLevel(lv)
         if tail: tail.stop.set(); tail.join()

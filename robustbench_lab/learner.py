@@ -158,14 +158,16 @@ def first_nonfinite(named_tensors) -> str|None:
 
 # dynamo compiles one graph per variant of the forward a method calls (train/eval BN, grad mode, input and parameter
 # requires_grad, BN branch); AFA's Stage I makes 9 at K = 5, OAT's per-sample routing about 20, and past its default
-# limit of 8 dynamo silently runs the remaining variants eagerly
+# limit of 8 dynamo runs the remaining variants eagerly, with one logged warning and no error
 RECOMPILE_LIMIT = 64
 
 
 def _compile(model, compile):
     if compile is False: return model
     import torch._dynamo
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    cfg = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'  # its name before torch 2.7
+    setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
     return torch.compile(model) if compile is True else torch.compile(model, backend=compile)
 
 # %% ../nbs/07_learner.ipynb #dde0b013

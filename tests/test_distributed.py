@@ -44,9 +44,13 @@ def _bn_worker():
 
 
 def test_synchronised_batchnorm_is_batchnorm_on_the_whole_batch():
+    import signal
     import tests.test_distributed as me
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     got = distributed.launch(me._bn_worker, nproc=2)
     assert got['out'] < 1e-12 and got['grad'] < 1e-12 and got['stats'] < 1e-12, got
+    # the elastic launcher's own handlers (SIGTERM raising its exception anywhere later) do not outlive the launch
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers
 
 
 # Tolerance: float32 weights after one epoch (3 steps) differ only by the order of floating-point sums (gradients summed over
