@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from robustbench_lab.core import ConfigError
 from robustbench_lab.data import Loader
-from robustbench_lab.learner import Callback, Learner, load_checkpoint
+from robustbench_lab.learner import Callback, Learner, load_checkpoint, save_checkpoint
 from robustbench_lab.methods import AWP, LBGAT, SEAT, Standard
 from robustbench_lab.models import create_model
 from robustbench_lab.objectives import (GAIRAT, HELP, IAT, MAIL, MART, PGDAT, TRADES, Clean, batch_kl, gair_weights,
@@ -154,12 +154,30 @@ def test_run_folder_and_metrics(tmp_path):
     assert cfg['eps'] == 0.1 and cfg['objective'] == 'pgdat' and 'resume' not in cfg
     with pytest.raises(ConfigError, match='exists'): train(run_name='r', **_common(tmp_path))
     with pytest.raises(ConfigError, match='different settings'): train(run_name='r', resume=True, **{**_common(tmp_path), 'lr': 0.05})
-    # a run made before a setting existed resumes when the setting is at its default, and only then
+    # a run made before a setting existed resumes when the setting is at its default, and only then: neither its
+    # config.json nor its checkpoint knows the setting
     cfg.pop('afa_samples'); (run.dir/'config.json').write_text(json.dumps(cfg))
+    ck = load_checkpoint(run.dir/'checkpoints'/'last.pt'); ck['config'].pop('afa_samples')
+    save_checkpoint(ck, run.dir/'checkpoints'/'last.pt')
     same = {**_common(tmp_path), 'report_best': True, 'checkpoint_every': None}
     with pytest.raises(ConfigError, match=r'different settings \(afa_samples\)'):
         train(run_name='r', resume=True, **same, afa_samples='strong_branch')
     assert train(run_name='r', resume=True, **same).config['epochs'] == 3
+
+
+def test_a_checkpoint_that_predates_a_setting_loads_and_one_that_differs_does_not():
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (32,))
+    make = lambda config: Learner(create_model('small_cnn', 'digits', width=8), Standard(Clean()), Loader(x, y, batch_size=16),
+                                  epochs=1, lr=0.05, schedule='constant', config=config)
+    state = make(dict(lr=0.05, new_setting='default', nproc=1)).state_dict()
+    state['config'] = dict(lr=0.05, nproc=2)  # written before `new_setting` existed, by a run of another size
+    make(dict(lr=0.05, new_setting='default', nproc=1)).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r'different settings \(lr\)'):
+        make(dict(lr=0.1, new_setting='default')).load_state_dict(state)
+    state['config'] = dict(lr=0.05, removed_setting=True)  # a setting this version does not have
+    with pytest.raises(ConfigError, match=r'different settings \(removed_setting\)'):
+        make(dict(lr=0.05, new_setting='default')).load_state_dict(state)
 
 
 def test_presets_fill_defaults_and_yield_to_explicit_values():
