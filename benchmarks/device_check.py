@@ -239,12 +239,14 @@ def setting_label(s):
 def kernel_choice(deterministic:bool):
     "Inside: cuDNN autotuning and any kernels (`deterministic=False`), or the deterministic kernels every run requests."
     if deterministic: yield; return
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
     torch.use_deterministic_algorithms(False)
     try: yield
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
 
 
 def throughput_plan(a, device, compiled):

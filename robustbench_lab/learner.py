@@ -352,7 +352,7 @@ class Learner(TrainingLoop):
         mine, theirs = ({k: v for k, v in (c or {}).items() if k not in RUN_ONLY_KEYS} for c in (self.config, state.get('config')))
         # a setting the checkpoint does not know did not exist when it was written: whoever resumes checks it against what
         # it then did, its default (train's run_state)
-        diff = sorted(k for k in set(mine) | set(theirs) if k not in mine or (k in theirs and mine[k] != theirs[k]))
+        diff = sorted(k for k in theirs if k not in mine or mine[k] != theirs[k])
         if mine and theirs and diff:
             raise ConfigError(f'resume: the checkpoint was written with different settings ({", ".join(diff)})')
         self.model.load_state_dict(state['model'])
