@@ -15,19 +15,19 @@ EPS = 1/255
 
 
 @pytest.fixture(scope='module')
-def first200(cifar_test):
+def first100(cifar_test):
     x, y = cifar_test
-    return x[:200].float()/255, y[:200]
+    return x[:100].float()/255, y[:100]
 
 
-def test_pgd_below_fgsm_below_clean_on_reference_model(reference_model, first200):
-    x, y = first200
-    rep = evaluate(reference_model, x, y, [FGSM(eps=EPS), PGD(eps=EPS, steps=20)], checks=False)
+def test_pgd_below_fgsm_below_clean_on_reference_model(reference_model, first100):
+    x, y = first100
+    rep = evaluate(reference_model, x, y, [FGSM(eps=EPS), PGD(eps=EPS, steps=10)], checks=False)
     ra = rep.robust_accuracy
-    assert ra['PGD-20'] <= ra['FGSM'] <= rep.clean_accuracy
-    assert rep.clean_accuracy >= 0.93 and ra['PGD-20'] < ra['FGSM']  # a standard model is visibly weaker under PGD
+    assert ra['PGD-10'] <= ra['FGSM'] <= rep.clean_accuracy
+    assert rep.clean_accuracy >= 0.93 and ra['PGD-10'] < ra['FGSM'] - 0.1  # a standard model is visibly weaker under PGD
     assert rep.worst_case == pytest.approx(min(ra.values()))  # FGSM-robust ⊇ PGD-robust here, point by point
-    assert set(ra) == {'FGSM', 'PGD-20'} and all(0 <= v <= 1 for v in ra.values())
+    assert set(ra) == {'FGSM', 'PGD-10'} and all(0 <= v <= 1 for v in ra.values())
 
 
 def _direct(model, x, y, **over):
@@ -37,25 +37,25 @@ def _direct(model, x, y, **over):
         sub.n_iter = over['n_iter']
         if 'n_restarts' in over: sub.n_restarts = over['n_restarts']
     adv.apgd_targeted.n_target_classes = over['n_target_classes']
-    return adv.run_standard_evaluation(x.contiguous(), y.contiguous(), batch_size=100)
+    return adv.run_standard_evaluation(x.contiguous(), y.contiguous(), batch_size=50)
 
 
 def _check_autoattack_equals_direct(model, x, y, **over):
     model.eval()
-    x_adv, robust = autoattack(model, x, y, eps=EPS, version='custom', attacks=['apgd-ce', 'apgd-t'], seed=0, batch_size=100, **over)
+    x_adv, robust = autoattack(model, x, y, eps=EPS, version='custom', attacks=['apgd-ce', 'apgd-t'], seed=0, batch_size=50, **over)
     xd, yd = _direct(model, x, y, **over)
     assert torch.equal(x_adv, xd) and torch.equal(robust, yd == y)
     assert 0 < robust.sum() < (model(x).argmax(1) == y).sum()  # the attack did something, and not everything
 
 
-def test_autoattack_matches_pyautoattack_exactly(reference_model, first200):
-    x, y = first200
+def test_autoattack_matches_pyautoattack_exactly(reference_model, first100):
+    x, y = first100
     _check_autoattack_equals_direct(reference_model, x, y, n_iter=3, n_restarts=1, n_target_classes=2)
 
 
 @pytest.mark.slow
-def test_autoattack_matches_pyautoattack_exactly_default_iterations(reference_model, first200):
-    x, y = first200
+def test_autoattack_matches_pyautoattack_exactly_default_iterations(reference_model, first100):
+    x, y = first100
     _check_autoattack_equals_direct(reference_model, x, y, n_iter=100, n_target_classes=9)
 
 
@@ -68,8 +68,8 @@ class _Crash(nn.Module):
         return self.model(x)
 
 
-def test_autoattack_resumes_from_its_state_file(reference_model, first200, tmp_path):
-    x, y = first200[0][:24], first200[1][:24]
+def test_autoattack_resumes_from_its_state_file(reference_model, first100, tmp_path):
+    x, y = first100[0][:24], first100[1][:24]
     kw = dict(eps=EPS, version='custom', attacks=['apgd-ce', 'apgd-t'], seed=0, batch_size=24, n_iter=3, n_restarts=1, n_target_classes=2)
     ref_adv, ref_robust = autoattack(reference_model, x, y, **kw)
     state = tmp_path/'aa.pt'
@@ -82,8 +82,8 @@ def test_autoattack_resumes_from_its_state_file(reference_model, first200, tmp_p
     with pytest.raises(ConfigError, match='different evaluation'): autoattack(reference_model, x, y, state_path=state, **{**kw, 'seed': 1})
 
 
-def test_masked_gradients_are_flagged(reference_model, first200):
-    x, y = first200[0][:12], first200[1][:12]
+def test_masked_gradients_are_flagged(reference_model, first100):
+    x, y = first100[0][:12], first100[1][:12]
     rep = evaluate(Quantize(reference_model), x, y, [PGD(eps=EPS, steps=5)])
     codes = {f['code'] for f in rep.flags}
     assert {'zero_grad', 'large_eps'} <= codes

@@ -142,8 +142,11 @@ def test_errors_speak_the_pipelines_names_and_units(tmp_path):
     assert 'K = 1' in msg and 'afa_K' not in msg, msg
     msg = error_message(papermill('train_afa.ipynb', tmp_path/'o2.ipynb', {'K': 3, 'runs_dir': tmp_path/'runs'}, yaml='xi: [0, 4]'))
     assert 'xi = [0, 4]: expected a list of length 3' in msg, msg  # in /255, as given
-    msg = error_message(papermill('train_dynat.ipynb', tmp_path/'o3.ipynb', {'lam': -1, 'runs_dir': tmp_path/'runs'}))
+    msg = error_message(papermill('train_afa.ipynb', tmp_path/'o3.ipynb', {'samples': 'branch', 'runs_dir': tmp_path/'runs'}))
+    assert "samples = 'branch'" in msg and 'strong_branch' in msg, msg
+    msg = error_message(papermill('train_dynat.ipynb', tmp_path/'o4.ipynb', {'lam': -1, 'runs_dir': tmp_path/'runs'}))
     assert 'lam = -1.0' in msg and 'dynat_lambda' not in msg, msg
+    assert not (tmp_path/'runs').exists()  # refused before any run folder was made
 
 
 def test_pipeline_parameter_cells_match_their_declared_defaults():
