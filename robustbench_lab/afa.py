@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .attacks import Attack, IterativeAttack, PGD, attack_mode
 from . import distributed
 from .core import ConfigError, check, check_list, random_subset, sample_rand, sample_rows, shared_generator
-from .methods import Method
+from .methods import Method, unwrap
 from .models import MultiBN, bn_branch, multibn_layers, set_bn_route
 from .objectives import IAT, Objective, PGDAT, mixup_ce
 
@@ -386,7 +386,7 @@ class OAT(Method):
         return sample_rows(lam).to(device)
 
     def compute_grads(self, model, x, y, backward):
-        model.lam = None
+        unwrap(model).lam = None  # set on the network itself: a torch.compile wrapper may keep the attribute to itself
         lam = self.draw(len(x), x.device)
         adv = lam > 0
         model.train()
@@ -397,7 +397,9 @@ class OAT(Method):
             model.condition(lam[adv])
             with random_subset(adv): x_adv[adv] = self.attack(model, x[adv], y[adv])
         loss = ((1 - lam)*ce_c).mean()
-        if adv.any():  # the adversarial forward sees only the λ > 0 samples, as in the code (BN_a's statistics are theirs)
+        # the adversarial forward sees only the λ > 0 samples, as in the code (BN_a's statistics are theirs); in a process group
+        # every process makes it, also without such rows of its own (synchronised BN is a collective; the global batch has some)
+        if adv.any() or distributed.active():
             model.train()
             model.condition(lam[adv])
             loss = loss + (lam[adv]*F.cross_entropy(model(x_adv[adv]), y[adv], reduction='none')).sum()/len(x)

@@ -243,18 +243,28 @@ def seed_everything(seed:int, # the run's seed
     return seed
 
 
-def get_rng_state() -> dict:
+def _gpu(device) -> torch.device:
+    "The GPU whose generator a run uses: its own device when that is a GPU, else the current one."
+    device = torch.device(device) if device is not None else None
+    return torch.device('cuda', device.index if device.index is not None else torch.cuda.current_device()) \
+        if device is not None and device.type == 'cuda' else torch.device('cuda', torch.cuda.current_device())
+
+
+def get_rng_state(device:str|torch.device|None=None, # the run's device: its GPU's generator is captured (default: the current GPU)
+                 ) -> dict:
     "Every generator's state (python, numpy, torch CPU and CUDA) as tensors and lists, safe for `weights_only` loading."
     v, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = dict(python=[v, list(internal), gauss],
                  numpy=[kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
                  torch=torch.get_rng_state())
-    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
+    # this process's GPU only: every process of a group restores it onto its own device, with any number of GPUs visible
+    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state(_gpu(device))
     return state
 
 
-def set_rng_state(state:dict # as returned by `get_rng_state`
+def set_rng_state(state:dict, # as returned by `get_rng_state`
+                  device:str|torch.device|None=None, # the run's device (its GPU's generator is restored)
                  ):
     "Restore the generators captured by `get_rng_state`."
     v, internal, gauss = state['python']
@@ -263,7 +273,10 @@ def set_rng_state(state:dict # as returned by `get_rng_state`
     # a checkpoint read onto a GPU (`map_location='cuda'`) holds these tensors there; the generators take CPU byte tensors
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'].cpu())
-    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+    if 'cuda' in state and torch.cuda.is_available():
+        gpu, s = _gpu(device), state['cuda']
+        if isinstance(s, (list, tuple)): s = s[gpu.index] if gpu.index < len(s) else None  # older checkpoints: every visible GPU's
+        if s is not None: torch.cuda.set_rng_state(s.cpu(), gpu)
 
 # %% ../nbs/00_core.ipynb #859f6520
 import contextlib

@@ -33,10 +33,11 @@ import warnings
 warnings.filterwarnings('ignore', message='torch.distributed.nn.functional.all_reduce is deprecated', category=FutureWarning)
 
 # %% auto #0
-__all__ = ['BACKENDS', 'active', 'rank', 'world_size', 'is_main', 'launched', 'default_backend', 'join_group', 'local_device',
-           'batch_share', 'share', 'global_rows', 'scale_loss', 'all_reduce_sum_', 'sum_scalar', 'reduce_grads_',
-           'average_logs', 'broadcast_state_', 'gather_objects', 'barrier', 'map_batches', 'DistBatchNorm2d',
-           'sync_batchnorm', 'has_batchnorm', 'WorkerFailed', 'free_port', 'launch', 'probe']
+__all__ = ['BACKENDS', 'active', 'rank', 'world_size', 'is_main', 'launched', 'default_backend', 'join_group', 'leave_group',
+           'local_device', 'batch_share', 'share', 'global_rows', 'scale_loss', 'all_reduce_sum_', 'sum_scalar',
+           'reduce_grads_', 'average_logs', 'broadcast_', 'broadcast_state_', 'gather_objects', 'barrier',
+           'map_batches', 'DistBatchNorm2d', 'sync_batchnorm', 'has_batchnorm', 'WorkerFailed', 'free_port', 'launch',
+           'probe']
 
 # %% ../nbs/09_distributed.ipynb #ebe85ce0
 BACKENDS = ('gloo', 'nccl')
@@ -77,11 +78,24 @@ def join_group(backend:str|None=None, # 'gloo' or 'nccl'; None: nccl when CUDA i
               ) -> tuple[int, int]:
     "Initialise the process group described by the environment (once); return (rank, world size)."
     if not launched(): raise ConfigError('join_group: RANK/WORLD_SIZE are not set (start the processes with torchrun or train(nproc=N))')
-    if not dist.is_initialized():
-        backend = check('backend', backend or ('nccl' if torch.cuda.is_available() else 'gloo'), str, choices=BACKENDS)
-        if backend == 'nccl': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    backend = dist.get_backend() if dist.is_initialized() else \
+        check('backend', backend or ('nccl' if torch.cuda.is_available() else 'gloo'), str, choices=BACKENDS)
+    # this process's GPU is the current device, also in a group a script made (nccl's collectives use it); a group made without
+    # a backend ('undefined') or for both kinds ('cpu:gloo,cuda:nccl') reaches nccl too
+    if backend != 'gloo' and torch.cuda.is_available():
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f'LOCAL_RANK = {local}: only {torch.cuda.device_count()} CUDA device(s) here; start at most one process per GPU')
+        torch.cuda.set_device(local)
+    if not dist.is_initialized(): dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def leave_group():
+    "Tear the process group down once every process is done with it (nccl warns, and may hang at exit, without it)."
+    if dist.is_initialized():
+        dist.barrier()  # nobody tears the group down while another process still uses it
+        dist.destroy_process_group()
 
 
 def local_device(device:str|torch.device) -> torch.device:
@@ -159,11 +173,20 @@ def average_logs(logs:dict) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def broadcast_state_(module:nn.Module, src:int=0, buffers_only:bool=False):
-    "Overwrite parameters (and buffers) of `module` with those of rank `src`."
+def broadcast_(tensors:list, src:int=0):
+    "Overwrite every tensor with rank `src`'s, in place: one collective per device and dtype (nothing outside a group)."
     if not active(): return
-    ts = ([] if buffers_only else [p.data for p in module.parameters()]) + [b for b in module.buffers()]
-    for t in ts: dist.broadcast(t, src)
+    groups = {}
+    for t in tensors: groups.setdefault((t.device, t.dtype), []).append(t)
+    for ts in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.broadcast(flat, src)
+        for t, v in zip(ts, flat.split([t.numel() for t in ts])): t.copy_(v.view(t.shape))
+
+
+def broadcast_state_(module:nn.Module, src:int=0):
+    "Overwrite the parameters and buffers of `module` with those of rank `src`."
+    broadcast_([p.data for p in module.parameters()] + list(module.buffers()), src)
 
 
 def gather_objects(obj) -> list:
@@ -326,12 +349,11 @@ def launch(fn:Callable, # a module-level function, run in every process
 
 def _worker_main(payload:str, result:str):
     "What each launched process runs: the payload's function; rank 0 writes its return value."
-    job = torch.load(payload, weights_only=False)
+    # onto the CPU: each process then moves what it needs to its own device (a CUDA model would otherwise land on GPU 0 in all)
+    job = torch.load(payload, map_location='cpu', weights_only=False)
     value = job['fn'](*job['args'])
     if int(os.environ.get('RANK', 0)) == 0: torch.save(dict(value=value), result)
-    if dist.is_initialized():
-        dist.barrier()  # nobody tears the group down while another process still uses it
-        dist.destroy_process_group()
+    leave_group()
 
 # %% ../nbs/09_distributed.ipynb #87d28d8f
 if __name__ == '__main__' and 'IPython' not in sys.modules and len(sys.argv) == 3:  # `python -m robustbench_lab.distributed PAYLOAD RESULT`

@@ -480,9 +480,12 @@ def evaluate(model:nn.Module, # classifier on [0, 1] images; put in eval mode fo
     names = [a.name for a in attacks]
     if len(set(names)) != len(names): raise ConfigError(f'suite: attack names must be unique, got {names}')
     if check('nproc', nproc, int, lo=1) > 1 and not distributed.active():
+        device = _model_device(model)
+        if device.type == 'cuda' and nproc > torch.cuda.device_count():
+            raise ConfigError(f'nproc = {nproc}: only {torch.cuda.device_count()} CUDA device(s) here (one process per GPU)')
         kw = dict(suite=suite, n=n, eps=eps, batch_size=batch_size, seed=seed, checks=checks, mode=mode, meta=meta, channels_last=channels_last)
         _check_picklable(model, suite)
-        return distributed.launch(evaluate_worker, (model, x[:n], y[:n], kw), nproc=nproc)
+        return distributed.launch(evaluate_worker, (model, x[:n], y[:n], kw, str(device)), nproc=nproc)
     device = _model_device(model)
     if device.type == 'cpu': keep_freed_memory()  # activations reused, not re-faulted (see 00_core)
     x, y = _as_float(x[:n]).to(device), y[:n].to(device).long()
@@ -552,10 +555,12 @@ def _run_suite(model, x, y, attacks, batch_size, seed, checks, mode, progress, d
     return clean, robust, seconds, flags, meta_attacks
 
 # %% ../nbs/04_evaluate.ipynb #17eabc09
-def evaluate_worker(model:nn.Module, x:torch.Tensor, y:torch.Tensor, kw:dict) -> Report:
+def evaluate_worker(model:nn.Module, x:torch.Tensor, y:torch.Tensor, kw:dict,
+                    device:str='cpu', # where the caller's model is: CUDA means one GPU per process (the model arrives on the CPU)
+                   ) -> Report:
     "One process of `evaluate(..., nproc=N)`: join the group, evaluate this process's batches, return the gathered report."
-    distributed.join_group()
-    model = model.to(distributed.local_device(_model_device(model)))
+    distributed.join_group(distributed.default_backend(device))
+    model = model.to(distributed.local_device(device))
     rep = evaluate(model, x, y, **kw)
     rep.meta['nproc'] = distributed.world_size()
     return rep

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .attacks import PGD, attack_mode
 from .core import ConfigError, check, random_scope, shared_generator
 from .methods import Method
@@ -249,7 +250,9 @@ class F2AT(Method):
             e.train()
             for p in e.parameters(): p.requires_grad_(True)
         self.est_opt.zero_grad()
-        (-(self.est_nat(nat, rep.detach()).mean() + self.est_pert(pert, rep.detach()).mean())).backward()
+        distributed.scale_loss(-(self.est_nat(nat, rep.detach()).mean() + self.est_pert(pert, rep.detach()).mean())).backward()
+        # in a process group every process takes the same step: the gradients of the processes' bounds, summed
+        distributed.reduce_grads_([p for e in (self.est_nat, self.est_pert) for p in e.parameters()])
         self.est_opt.step()
         self._set_estimators(self.est_nat, self.est_pert)
 

@@ -43,7 +43,7 @@ def branch_weights(kl_s:torch.Tensor, # per-sample KL(clean ‖ adv) of the stan
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "The weights (w_S, w_A) of the standard and auxiliary gradients, as 0-dim tensors in the KLs' dtype (global-batch KLs)."
     check('weighting', mode, str, choices=WEIGHTINGS)
-    if mode == 'static': return tuple(torch.tensor(float(w), dtype=kl_s.dtype) for w in static)
+    if mode == 'static': return tuple(torch.tensor(float(w), dtype=kl_s.dtype, device=kl_s.device) for w in static)
     s, a = (distributed.sum_scalar(k.detach().sum()).to(k.dtype) for k in (kl_s, kl_a))
     if mode == 'paper': s, a = s/distributed.global_rows(len(kl_s)), a/distributed.global_rows(len(kl_a))
     else: s, a = beta_r*s, beta_u*a

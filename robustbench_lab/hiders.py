@@ -149,7 +149,10 @@ class HiderTracker(Callback):
                 for e, v in self.buffer.items()}
 
     def _unpack(self, d, before):
-        self.buffer = {int(e): (v['x_adv'], v['correct_adv'], v['correct_nat'], v.get('along')) for e, v in d.items() if int(e) < before}
+        # on the CPU, where the tracker keeps them, whichever device a checkpoint holding them was read onto
+        cpu = lambda t: None if t is None else t.cpu()
+        self.buffer = {int(e): (cpu(v['x_adv']), cpu(v['correct_adv']), cpu(v['correct_nat']), cpu(v.get('along')))
+                       for e, v in d.items() if int(e) < before}
         if self.positions and self.folder is not None and (self.folder/'hider_positions.pt').exists():
             found = torch.load(self.folder/'hider_positions.pt', weights_only=True)
             self.found = {k: v for k, v in found.items() if sum(map(int, k.split('+'))) < before}

@@ -25,8 +25,8 @@ from .methods import Method
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'NONFINITE', 'RUN_ONLY_KEYS', 'RECOMPILE_LIMIT', 'Schedule',
            'CancelFitException', 'Callback', 'save_checkpoint', 'load_checkpoint', 'TrainingDiverged',
-           'nonfinite_terms', 'first_nonfinite', 'TrainingLoop', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB',
-           'StepLogCB', 'CheckpointCB', 'ProgressCB']
+           'nonfinite_terms', 'first_nonfinite', 'epoch_accumulators', 'TrainingLoop', 'Learner', 'EvalCB',
+           'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
 
 # %% ../nbs/07_learner.ipynb #9e7ce642
 SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cosine_epoch', 'cyclic', 'linear', 'linear_epoch', 'onecycle', 'constant')
@@ -148,10 +148,10 @@ def nonfinite_terms(logs:dict) -> list[str]:
 
 
 def first_nonfinite(named_tensors) -> str|None:
-    "Name of the first tensor holding a NaN or an infinity (one fused norm over all of them, one sync)."
+    "Name of the first tensor holding a NaN or an infinity (one fused max-norm over all of them, one sync)."
     named = [(n, t) for n, t in named_tensors if t is not None]
     if not named: return None
-    norms = torch._foreach_norm([t.float() for _, t in named])
+    norms = torch._foreach_norm([t.float() for _, t in named], ord=float('inf'))  # max |x|: finite exactly when every value is
     if bool(torch.isfinite(torch.stack(norms)).all()): return None
     return next(n for (n, _), v in zip(named, norms) if not torch.isfinite(v))
 
@@ -171,6 +171,11 @@ def _compile(model, compile):
     return torch.compile(model) if compile is True else torch.compile(model, backend=compile)
 
 # %% ../nbs/07_learner.ipynb #dde0b013
+def epoch_accumulators() -> dict:
+    "What an epoch adds up: training time, images, batches, refused steps, steps GradScaler skipped (fp16), summed logs."
+    return dict(seconds_train=0.0, images=0, batches=0, skipped=0, amp_skipped=0, logs={})
+
+
 class TrainingLoop:
     "The epoch and batch loop of `Learner` (state and set-up live in `Learner`)."
     def _train_batch(self, x, y, info, n_batches):
@@ -183,8 +188,6 @@ class TrainingLoop:
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         self.method.batch = self.batch
-        if distributed.active() and not self.sync_bn:  # per-process BN statistics: start every step from rank 0's (as DDP)
-            for m in [self.model, *self.extra.values()]: distributed.broadcast_state_(m, buffers_only=True)
         rows = torch.arange(info.rows.start, info.rows.stop)
         torch._foreach_copy_(self._saved_buffers, self._buffers)  # BN statistics before the step, to undo a refused one
         with self._autocast(), random_scope(self.loader.seed, self.epoch, self.batch, total=info.total, index=rows), \
@@ -192,18 +195,29 @@ class TrainingLoop:
             logs = self.method.compute_grads(self.fwd, x, y, self.backward)
             self.logs = distributed.average_logs(logs)
         distributed.reduce_grads_(self.params)
+        if self.scaler is not None: self.scaler.unscale_(self.opt)  # fp16: the true gradients are checked, not the scaled ones
         bad_terms = nonfinite_terms(self.logs)
-        bad = first_nonfinite([(f'gradient of {n}', p.grad) for n, p in self._named_params] +
-                              [(f'BatchNorm statistic {n}', b) for n, b in zip(self._buffer_names, self._buffers)])
+        stats = [(f'BatchNorm statistic {n}', b) for n, b in zip(self._buffer_names, self._buffers)]
+        bad = first_nonfinite([(f'gradient of {n}', p.grad) for n, p in self._named_params] + stats)
+        # fp16: gradients beyond the loss scale's range are GradScaler's to handle (it skips the step and lowers the scale);
+        # at a scale of 1 or less the scaling cannot be what overflowed, and the step is refused as any other
+        overflow = (bad is not None and not bad_terms and self.scaler is not None and first_nonfinite(stats) is None
+                    and self.scaler.get_scale() > 1)
         if bad_terms or bad:
             self.method.after_step(self.model)  # remove any weight perturbation: the model stays at its last good weights
             torch._foreach_copy_(self._buffers, self._saved_buffers)
-            self._refuse(bad_terms, bad)
+            if overflow:
+                self.scaler.step(self.opt); self.scaler.update()
+                self.accum['amp_skipped'] += 1
+            else: self._refuse(bad_terms, bad)
         else:
             if self.scaler is not None:
                 self.scaler.step(self.opt); self.scaler.update()
             else: self.opt.step()
             self.method.after_step(self.model)
+        # per-process BN statistics: rank 0's hold everywhere after every step (as with DDP's buffer broadcast), so that the
+        # evaluations every process takes part in, a method's average of the model (SEAT) and checkpoints see one model
+        if not self.sync_bn: distributed.broadcast_(self._held_buffers)
         if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
         a = self.accum
         a['seconds_train'] += time.perf_counter() - t0
@@ -216,6 +230,7 @@ class TrainingLoop:
         "A non-finite step: raise `TrainingDiverged` (default) or count it as skipped."
         where = f'epoch {self.epoch + 1}/{self.epochs}, batch {self.batch + 1}, step {self.step}'
         what = f"non-finite loss term(s) {', '.join(bad_terms)}" if bad_terms else f"non-finite {bad}"
+        if self.scaler is not None: self.scaler.update(self.scaler.get_scale())  # ends the step for the scaler, its scale kept
         if self.nonfinite == 'skip':
             self.opt.zero_grad(set_to_none=True)
             self.accum['skipped'] += 1
@@ -234,7 +249,7 @@ class TrainingLoop:
             while self.epoch < self.epochs:
                 self.method.start_epoch(self.epoch, self.epochs)
                 for m in [self.model, *self.extra.values()]: m.train()
-                if self.batch == 0: self.accum = dict(seconds_train=0.0, images=0, batches=0, skipped=0, logs={})
+                if self.batch == 0: self.accum = epoch_accumulators()
                 self.record = dict(epoch=self.epoch)
                 self.epoch_start = time.perf_counter()
                 self.callback('before_epoch')
@@ -244,6 +259,7 @@ class TrainingLoop:
                 self.record.update(lr=self.lr, **{k: v/max(1, a['batches']) for k, v in a['logs'].items()},
                                    train_seconds=a['seconds_train'], train_img_per_s=a['images']/max(a['seconds_train'], 1e-9))
                 if a['skipped']: self.record['skipped_steps'] = a['skipped']
+                if a['amp_skipped']: self.record['amp_skipped_steps'] = a['amp_skipped']
                 self.epoch += 1; self.batch = 0
                 self.callback('after_epoch')  # measurements add to the record (evaluation, hider ratios, ...)
                 self.record['seconds'] = time.perf_counter() - self.epoch_start
@@ -300,7 +316,11 @@ class Learner(TrainingLoop):
             m.to(self.device)
             if self.sync_bn and distributed.active(): self.extra[k] = distributed.sync_batchnorm(m, self.device)
             if channels_last: m.to(memory_format=torch.channels_last)
-        for m in [self.model, *self.extra.values()]: distributed.broadcast_state_(m)  # one initialisation for every process
+        # what every process must hold alike: the model, the method's extra models and the model it evaluates (SEAT's average)
+        held = [self.model, *self.extra.values(), method.eval_model(self.model)]
+        held_params = list({id(p): p for m in held for p in m.parameters()}.values())
+        self._held_buffers = list({id(b): b for m in held for b in m.buffers()}.values())
+        distributed.broadcast_([p.data for p in held_params] + self._held_buffers)  # one initialisation for every process
         self.params = [p for m in [self.model, *self.extra.values()] for p in m.parameters() if p.requires_grad]
         self._named_params = [(n, p) for m in [self.model, *self.extra.values()] for n, p in m.named_parameters() if p.requires_grad]
         named_buffers = [(n, b) for m in [self.model, *self.extra.values()] for n, b in m.named_buffers() if b.is_floating_point()]
@@ -312,7 +332,7 @@ class Learner(TrainingLoop):
         self.cbs = sorted(cbs or [], key=lambda c: c.order)
         self.config = config or {}
         self.epoch = self.batch = self.step = 0
-        self.accum = dict(seconds_train=0.0, images=0, batches=0, skipped=0, logs={})
+        self.accum = epoch_accumulators()
         self.history, self.record, self.logs, self.failure, self.stopped = [], {}, {}, None, None
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -345,7 +365,7 @@ class Learner(TrainingLoop):
                     optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
                     method=self.method.state_dict(), callbacks={cb.name: cb.state_dict() for cb in self.cbs},
                     epoch=self.epoch, batch=self.batch, step=self.step, accum=self.accum, history=self.history,
-                    rng=get_rng_state(), config=self.config)
+                    rng=get_rng_state(self.device), config=self.config)
 
     def load_state_dict(self, state:dict):
         "Restore a `state_dict` (from a checkpoint)."
@@ -363,8 +383,8 @@ class Learner(TrainingLoop):
         for cb in self.cbs:
             if cb.name in state['callbacks']: cb.load_state_dict(state['callbacks'][cb.name])
         self.epoch, self.batch, self.step = state['epoch'], state['batch'], state['step']
-        self.accum, self.history = dict(dict(skipped=0), **state['accum']), list(state['history'])
-        set_rng_state(state['rng'])
+        self.accum, self.history = {**epoch_accumulators(), **state['accum']}, list(state['history'])
+        set_rng_state(state['rng'], self.device)
 
 # %% ../nbs/07_learner.ipynb #2e0df8f0
 class EvalCB(Callback):

@@ -59,7 +59,7 @@ class MultiBN(nn.Module):
 
     def set_route(self, route:torch.Tensor):
         "Route sample i through branch `route[i]`; each branch normalises its own samples with their own batch statistics (OAT)."
-        if route.min() < 0 or route.max() >= self.K: raise ConfigError(f'route: branch indices must lie in 0..{self.K - 1}')
+        if len(route) and (route.min() < 0 or route.max() >= self.K): raise ConfigError(f'route: branch indices must lie in 0..{self.K - 1}')
         self.mix, self.route = None, route
 
     def set_mix(self, w:torch.Tensor, a:int, b:int):
@@ -70,7 +70,15 @@ class MultiBN(nn.Module):
     def forward(self, x):
         if self.route is not None:
             out = torch.empty_like(x)
-            for k in self.route.unique().tolist():
+            # synchronised BN (sync_bn in a process group) is a collective: every process calls every branch some process has
+            # rows for, with none of its own if need be, or the processes' collectives pair up across branches and layers
+            collective = self.training and any(isinstance(bn, nn.SyncBatchNorm) or getattr(bn, 'collective', False) for bn in self.bns)
+            if collective:
+                rows = torch.bincount(self.route, minlength=self.K)
+                torch.distributed.all_reduce(rows)
+                branches = rows.nonzero().flatten().tolist()
+            else: branches = self.route.unique().tolist()
+            for k in branches:
                 sel = self.route == k
                 out[sel] = self.bns[k](x[sel])
             return out

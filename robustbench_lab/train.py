@@ -334,11 +334,17 @@ def _check_data(c:dict):
         except DataNotFoundError as e: raise ConfigError(f"dataset = {c['dataset']!r}: {e}") from None
         if split == 'train' and c['n_train'] is not None and c['n_train'] > n_avail:
             raise ConfigError(f"n_train = {c['n_train']}: the {c['dataset']} training set has {n_avail} images")
-        if split == 'train' and c['nproc'] > 1:
+        if split == 'train':
+            # every process holds rows of every batch; F²AT's in-batch MI bound needs two of them (a contrast with another row)
+            f2at = c['method'] == 'f2at' and c['f2at_alpha'] > 0 and c['f2at_ablation'] not in ('no_patterns', 'no_pd')  # the MI bound in use
+            least = (2 if f2at else 1)*c['nproc']
+            need = (f"F²AT's in-batch MI bound needs at least 2 per process, {least} for nproc = {c['nproc']}" if f2at else
+                    f"fewer than the nproc = {c['nproc']} processes")
+            if f2at and c['batch_size'] < least: raise ConfigError(f"batch_size = {c['batch_size']}: {need}")
             tail = (c['n_train'] or n_avail) % c['batch_size']
-            if 0 < tail < c['nproc']:
-                raise ConfigError(f"n_train = {c['n_train'] or n_avail}: the last batch would hold {tail} image(s), fewer than nproc = "
-                                  f"{c['nproc']} processes (choose n_train or batch_size so that it holds 0 or at least {c['nproc']})")
+            if 0 < tail < least:
+                raise ConfigError(f"n_train = {c['n_train'] or n_avail}: the last batch would hold {tail} image(s); {need} "
+                                  f"(choose n_train or batch_size so that it holds 0 or at least {least})")
         if split == 'test':
             c['n_eval'] = min(c['n_eval'], n_avail)
             c['n_report'] = min(c['n_report'] or settings().eval_n, n_avail)
@@ -549,18 +555,22 @@ def _model_from_checkpoint(cfg, path):
 
 
 def _f2at_estimators(cfg, run_dir, device):
-    "F²AT's MI estimators and pre-training function: given, pre-trained here (rank 0) on a PGD-AT source model, or (mode 'target') later on the target."
+    "F²AT's MI estimators and pre-training function: given, pre-trained here on a PGD-AT source model, or (mode 'target') later on the target."
     x, y = load_arrays(cfg['dataset'], 'train')
     if cfg['n_train'] is not None: x, y = x[:cfg['n_train']], y[:cfg['n_train']]
-    def pretrain(model, dry=False):
+    def pretrain_everywhere(model, epochs):
+        # every process pre-trains (the same seed and data): none waits for rank 0 past the group's timeout, as it would for the
+        # hour a paper-scale pre-training takes; rank 0's estimators then hold everywhere, should kernels round differently
         en, ep, hist = pretrain_estimators(model, x, y, K=cfg['f2at_K'], eps=cfg['eps'], steps=cfg['steps'] or 10, units=cfg['f2at_units'],
-                                           source=cfg['f2at_source'], epochs=0 if dry else cfg['f2at_est_epochs'],
-                                           batch_size=cfg['f2at_est_batch'], seed=cfg['seed'], progress=cfg['progress'] and distributed.is_main())
-        return en, ep
+                                           source=cfg['f2at_source'], epochs=epochs, batch_size=cfg['f2at_est_batch'], seed=cfg['seed'],
+                                           progress=cfg['progress'] and distributed.is_main())
+        for e in (en, ep): distributed.broadcast_state_(e)
+        return en, ep, hist
+    def pretrain(model, dry=False): return pretrain_everywhere(model, 0 if dry else cfg['f2at_est_epochs'])[:2]
     if cfg['f2at_mode'] == 'target' and cfg['f2at_estimators'] is None: return None, None, pretrain
     path = run_dir/'estimators.pt'
     if cfg['f2at_estimators'] is not None: path = Path(cfg['f2at_estimators'])
-    elif not path.exists():
+    elif not distributed.gather_objects(path.exists())[0]:  # rank 0's view decides: pre-training is a collective
         if cfg['f2at_source_run'] is not None: src = Run.load(cfg['f2at_source_run'])
         else:
             keys = ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'schedule', 'milestones', 'lr_factors',
@@ -568,13 +578,11 @@ def _f2at_estimators(cfg, run_dir, device):
                     'pad_mode', 'nproc', 'sync_bn', 'backend')
             src = train(**{k: cfg[k] for k in keys}, method='standard', objective='pgdat', epochs=cfg['f2at_source_epochs'] or cfg['epochs'],
                         suite='monitor', n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.source", runs_dir=cfg['runs_dir'], resume='auto')
+        en, ep, hist = pretrain_everywhere(src.model(device=device), cfg['f2at_est_epochs'])
         if distributed.is_main():
-            en, ep, hist = pretrain_estimators(src.model(device=device), x, y, K=cfg['f2at_K'], eps=cfg['eps'], steps=cfg['steps'] or 10,
-                                               units=cfg['f2at_units'], source=cfg['f2at_source'], epochs=cfg['f2at_est_epochs'],
-                                               batch_size=cfg['f2at_est_batch'], seed=cfg['seed'], progress=cfg['progress'])
             run_dir.mkdir(parents=True, exist_ok=True)
             save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=cfg['f2at_K'], source=cfg['f2at_source'])
-        distributed.barrier()
+        return en, ep, pretrain
     en, ep, meta = load_estimators(path)
     if meta.get('K') not in (None, cfg['f2at_K']) or meta.get('source') not in (None, cfg['f2at_source']):
         raise ConfigError(f"f2at_estimators: trained for K = {meta.get('K')} on {meta.get('source')!r}, not K = {cfg['f2at_K']} on {cfg['f2at_source']!r}")
@@ -653,7 +661,8 @@ def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device, stored) -> Repo
     if cfg['method'] == 'f2at' and cfg['f2at_source'] == 'logits':
         report.flags.append(dict(code='f2at_logits_unstable', kind='mechanism', message=F2AT_LOGITS_UNSTABLE))
     if distributed.is_main(): report.save(run_dir/'report.json')
-    if cfg['report_best'] and not learn.failure and (run_dir/'checkpoints'/'best.pt').exists():
+    # rank 0's view of its own file decides for every process: the evaluation below is a collective
+    if cfg['report_best'] and not learn.failure and distributed.gather_objects((run_dir/'checkpoints'/'best.pt').exists())[0]:
         best = Run(run_dir, stored).model('best', device)
         ck = load_checkpoint(run_dir/'checkpoints'/'best.pt')
         rb = evaluate(best, xt, yt, cfg['suite'], n=cfg['n_report'], eps=cfg['eps'], seed=cfg['seed'],
@@ -672,6 +681,17 @@ def method_probes(cfg:dict, xt:torch.Tensor, yt:torch.Tensor) -> list:
     return []
 
 # %% ../nbs/08_train.ipynb #a80cea8a
+def _check_shared_folder(run_dir:Path, wait_s:float=30):
+    "Every process sees the config.json rank 0 wrote: the run folder is on a filesystem all nodes share (resume, reports read it)."
+    if distributed.world_size() == 1: return
+    deadline = time.monotonic() + wait_s  # a network filesystem may show another node's new file a little later
+    while not (seen := (run_dir/'config.json').exists()) and time.monotonic() < deadline: time.sleep(1)
+    blind = [r for r, s in enumerate(distributed.gather_objects(seen)) if not s]
+    if blind:
+        raise ConfigError(f"runs_dir: process(es) {blind} do not see {run_dir}/config.json, which rank 0 wrote (waited {wait_s:g} s); put "
+                          'runs_dir on a filesystem every node shares (checkpoints, estimators and reports are read back from it)')
+
+
 def _train_here(cfg:dict) -> TrainResult:
     "Train in this process: alone, or as one process of a group (torchrun, or the workers `train(nproc=N)` starts)."
     if distributed.launched(): distributed.join_group(cfg['backend'])
@@ -701,6 +721,7 @@ def _train_here(cfg:dict) -> TrainResult:
         with atomic_write(run_dir/'config.json', 'w') as f: json.dump(stored, f, indent=1)
         if os.environ.get(RUN_DIR_FILE_ENV): Path(os.environ[RUN_DIR_FILE_ENV]).write_text(str(run_dir.resolve()))
     distributed.barrier()
+    _check_shared_folder(run_dir)
     cbs = _callbacks(cfg, run_dir, x, y, xt, yt) + method_probes(cfg, xt, yt)
     schedule = Schedule(cfg['schedule'], cfg['lr'], cfg['epochs'], cfg['milestones'], cfg['lr_factors'],
                         steps_per_epoch=len(loader.x)//cfg['batch_size'] + 1 if cfg['schedule'] == 'onecycle' else None)
@@ -933,6 +954,8 @@ def cli_train(argv:list|None=None) -> int:
     if len(argv) == 1 and argv[0].endswith('.json'):
         params = json.loads(Path(argv[0]).read_text())
         params = {k: v for k, v in params.items() if k in DEFAULTS}  # a run's config.json works as well
+        # under torchrun the group's size is the truth: a config.json written by a run on another number of processes still runs
+        if distributed.launched(): params.pop('nproc', None)
     else:
         if len(argv) % 2 or any(not a.startswith('--') for a in argv[::2]):
             print('usage: python -m robustbench_lab.train CONFIG.json | --name value [--name value ...]', file=sys.stderr)
@@ -943,6 +966,7 @@ def cli_train(argv:list|None=None) -> int:
         print(f'robustbench_lab.train: {e}', file=sys.stderr)
         return 1
     if distributed.is_main(): print(run.dir)
+    distributed.leave_group()
     return 0
 
 

@@ -24,7 +24,7 @@ TINY = dict(dataset='digits', arch='small_cnn', width=8, epochs=1, batch_size=64
 
 
 def _bn_worker():
-    "Each of two processes holds half of a float64 batch: forward, backward and running statistics vs one BatchNorm."
+    "Each of two processes holds half of a float64 batch: forward, backward and running statistics vs one BatchNorm (and one dual BN)."
     import copy
     import torch.nn.functional as F
     r, w = distributed.join_group()
@@ -38,9 +38,42 @@ def _bn_worker():
     with distributed.batch_share(4, 8):
         out = syn(x[rows]); distributed.scale_loss(F.cross_entropy(out, (torch.arange(8) % 2)[rows])).backward()
     distributed.reduce_grads_(list(syn.parameters()))
-    return dict(out=(out - z_ref[rows]).abs().max().item(),
-                grad=max((a.grad - b.grad).abs().max().item() for a, b in zip(syn.parameters(), ref.parameters())),
-                stats=max((a - b).abs().max().item() for a, b in zip(syn.buffers(), ref.buffers()) if a.is_floating_point()))
+    # OAT's per-sample routing through a dual BN: process 0 holds no row of branch 1 and still takes part in its statistics;
+    # then (OAT's adversarial forward) no process holds a row of branch 0, whose statistics must stay as they are
+    from robustbench_lab.models import MultiBN
+    dual = nn.Sequential(nn.Conv2d(3, 4, 3), MultiBN(4, K=2), nn.Flatten(), nn.Linear(36, 2)).double()
+    dref, dsyn = copy.deepcopy(dual), distributed.sync_batchnorm(copy.deepcopy(dual))
+    pairs = [(out, z_ref[rows])]
+    for route in (torch.tensor([0, 0, 0, 0, 1, 0, 1, 1]), torch.ones(8, dtype=torch.long)):
+        dref[1].set_route(route); dsyn[1].set_route(route[rows])
+        zd_ref = dref(x)
+        F.cross_entropy(zd_ref, torch.arange(8) % 2).backward()
+        with distributed.batch_share(4, 8):
+            zd = dsyn(x[rows]); distributed.scale_loss(F.cross_entropy(zd, (torch.arange(8) % 2)[rows])).backward()
+        pairs.append((zd, zd_ref[rows]))
+    distributed.reduce_grads_(list(dsyn.parameters()))
+    params = [*zip(syn.parameters(), ref.parameters()), *zip(dsyn.parameters(), dref.parameters())]
+    buffers = [*zip(syn.buffers(), ref.buffers()), *zip(dsyn.buffers(), dref.buffers())]
+    return dict(out=max((a - b).abs().max().item() for a, b in pairs),
+                grad=max((a.grad - b.grad).abs().max().item() for a, b in params),
+                stats=max((a - b).abs().max().item() for a, b in buffers if a.is_floating_point()))
+
+
+def _unshared_folder_worker(folder):
+    "Rank 0 writes a run folder's config.json that rank 1 cannot see, as on two nodes without a shared filesystem."
+    from robustbench_lab.train import _check_shared_folder
+    r, _ = distributed.join_group()
+    mine = Path(folder)/f'node{r}'
+    mine.mkdir()
+    if r == 0: (mine/'config.json').write_text('{}')
+    try: _check_shared_folder(mine, wait_s=0.2)
+    except ConfigError as e: return str(e)
+
+
+def test_a_run_folder_other_processes_cannot_see_is_refused_by_all(tmp_path):
+    import tests.test_distributed as me
+    msg = distributed.launch(me._unshared_folder_worker, (str(tmp_path),), nproc=2)
+    assert msg and 'process(es) [1] do not see' in msg and 'shares' in msg, msg  # rank 0 raises too: no process runs on alone
 
 
 def test_synchronised_batchnorm_is_batchnorm_on_the_whole_batch():
@@ -60,7 +93,7 @@ def test_synchronised_batchnorm_is_batchnorm_on_the_whole_batch():
 @pytest.mark.parametrize('name,params,tol', [
     ('pgdat', dict(), 1e-5), ('trades', dict(objective='trades'), 1e-3), ('awp', dict(method='awp'), 1e-5),
     ('hfat', dict(method='hfat', hfat_steps_s=2), 1e-5), ('dynat', dict(method='dynat'), 1e-5),
-    ('afa', dict(method='afa', afa_K=3, afa_attack_steps=2), 1e-5)])
+    ('afa', dict(method='afa', afa_K=3, afa_attack_steps=2), 1e-5), ('oat', dict(method='oat'), 1e-5)])
 def test_two_processes_with_sync_bn_train_the_single_process_computation(tmp_path, name, params, tol):
     one = train(run_name='one', runs_dir=str(tmp_path), **TINY, **params)
     two = train(run_name='two', runs_dir=str(tmp_path), nproc=2, sync_bn=True, **TINY, **params)
@@ -141,11 +174,28 @@ def test_process_settings_are_refused_before_any_process_starts(tmp_path, monkey
     with pytest.raises(ConfigError, match='nproc'): resolve_config(nproc=0)
     with pytest.raises(ConfigError, match='split evenly'): resolve_config(nproc=2, batch_size=63)
     with pytest.raises(ConfigError, match='last batch'): resolve_config(nproc=4, batch_size=64, n_train=65)
+    # F²AT's MI bound contrasts rows within each process's share of a batch: two at least, also alone and in the last batch
+    with pytest.raises(ConfigError, match='last batch would hold 1 .* at least 2'): resolve_config(method='f2at', batch_size=64, n_train=129)
+    with pytest.raises(ConfigError, match='last batch would hold 3 .* 4 for nproc = 2'): resolve_config(method='f2at', nproc=2, batch_size=64, n_train=131)
+    with pytest.raises(ConfigError, match='batch_size = 2: .* 4 for nproc = 2'): resolve_config(method='f2at', nproc=2, batch_size=2)
+    resolve_config(method='f2at', nproc=2, batch_size=64, n_train=132)
     with pytest.raises(ConfigError, match='nccl'): resolve_config(nproc=2, backend='nccl')
     import robustbench_lab.train as T
     monkeypatch.setattr(T, 'build_model', lambda cfg, *a, **k: nn.Linear(2, 2))
     with pytest.raises(ConfigError, match='no BatchNorm'): resolve_config(nproc=2, sync_bn=True)
     assert not any(tmp_path.iterdir())
+
+
+def test_torchrun_trains_from_a_config_json_made_with_another_process_count(tmp_path):
+    # a run's config.json records how many processes made it; under torchrun the group's size decides
+    cfg = tmp_path/'config.json'
+    cfg.write_text(json.dumps(dict(TINY, n_train=128, n_report=32, nproc=4, run_name='tr', runs_dir=str(tmp_path/'runs'))))
+    out = subprocess.run([str(Path(sys.executable).parent/'torchrun'), '--standalone', '--nproc_per_node', '2', '-m',
+                          'robustbench_lab.train', str(cfg)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    made = json.loads((tmp_path/'runs'/'tr'/'config.json').read_text())
+    assert made['nproc'] == 2 and (tmp_path/'runs'/'tr'/'report.json').exists()
 
 
 def test_papermill_with_two_processes_leaves_one_run_folder(tmp_path):

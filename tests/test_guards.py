@@ -121,6 +121,40 @@ def test_divergence_stops_at_the_step_keeps_the_last_good_checkpoint_and_resumes
     assert resumed.step == 20 and all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), clean.model.state_dict().values()))
 
 
+def test_fp16_gradient_overflow_is_skipped_by_the_scaler_not_taken_for_divergence():
+    from robustbench_lab.data import Loader, load_arrays
+    from robustbench_lab.methods import Standard
+    from robustbench_lab.models import create_model
+    from robustbench_lab.objectives import PGDAT
+    x, y = load_arrays('digits', 'train')
+    def learner(scale, **kw):
+        "The learner's fp16 path with a CPU GradScaler (the learner takes fp16 on CUDA only)."
+        torch.manual_seed(0)
+        learn = Learner(create_model('small_cnn', 'digits', width=8), Standard(PGDAT(eps=0.1, alpha=0.05, steps=1)),
+                        Loader(x[:320], y[:320], batch_size=32, shuffle=True), epochs=1, lr=0.05, schedule='constant', **kw)
+        learn.scaler = torch.amp.GradScaler('cpu', init_scale=scale)
+        return learn
+    def poison_gradient(learn, steps):
+        next(learn.model.parameters()).register_hook(lambda g: g*float('inf') if learn.step < steps else g)
+    # with fp16, GradScaler finds its loss scale by overflowing: an infinite gradient at a finite loss, stood in for here by
+    # a hook that makes one gradient infinite in the first 3 steps
+    learn = learner(2.0**16)
+    poison_gradient(learn, 3)
+    learn.fit()  # nonfinite='stop': an overflow taken for divergence would raise TrainingDiverged here
+    rec = learn.history[-1]
+    assert rec['amp_skipped_steps'] == 3 and 'skipped_steps' not in rec, rec
+    assert learn.scaler.get_scale() == 2.0**13  # halved at each overflow
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+    # at a loss scale of 1 the scaling cannot be what overflowed: a gradient that stays infinite is divergence
+    learn = learner(4.0)
+    poison_gradient(learn, 100)
+    with pytest.raises(TrainingDiverged, match='step 2: non-finite gradient'): learn.fit()
+    # a refused step (here: a NaN loss from step 2 on) ends the scaler's step too, so that the next one can unscale again
+    learn = learner(2.0**16, cbs=[Poison(2)], nonfinite='skip')
+    learn.fit()
+    assert learn.history[-1]['skipped_steps'] == 8 and 'amp_skipped_steps' not in learn.history[-1]
+
+
 def test_a_diverging_pipeline_exits_non_zero_and_says_why_in_its_report(tmp_path):
     out = papermill('train.ipynb', tmp_path/'o.ipynb', {'lr': 1e6, 'epochs': 1, 'runs_dir': tmp_path/'runs', 'checkpoint_every': 1,
                                                          'n_report': 32, 'progress': False})
