@@ -251,9 +251,11 @@ class F2AT(Method):
             for p in e.parameters(): p.requires_grad_(True)
         self.est_opt.zero_grad()
         distributed.scale_loss(-(self.est_nat(nat, rep.detach()).mean() + self.est_pert(pert, rep.detach()).mean())).backward()
-        # in a process group every process takes the same step: the gradients of the processes' bounds, summed
+        # in a process group every process takes the same step (the gradients of the processes' bounds, summed) and keeps
+        # rank 0's BatchNorm statistics (each process's own rows updated them)
         distributed.reduce_grads_([p for e in (self.est_nat, self.est_pert) for p in e.parameters()])
         self.est_opt.step()
+        distributed.broadcast_([b for e in (self.est_nat, self.est_pert) for b in e.buffers()])
         self._set_estimators(self.est_nat, self.est_pert)
 
     def compute_grads(self, model, x, y, backward):

@@ -196,13 +196,15 @@ class TrainingLoop:
             self.logs = distributed.average_logs(logs)
         distributed.reduce_grads_(self.params)
         if self.scaler is not None: self.scaler.unscale_(self.opt)  # fp16: the true gradients are checked, not the scaled ones
-        bad_terms = nonfinite_terms(self.logs)
-        stats = [(f'BatchNorm statistic {n}', b) for n, b in zip(self._buffer_names, self._buffers)]
-        bad = first_nonfinite([(f'gradient of {n}', p.grad) for n, p in self._named_params] + stats)
+        bad_terms = nonfinite_terms(self.logs)  # losses and gradients are global: every process decides alike on them
+        bad_grad = first_nonfinite([(f'gradient of {n}', p.grad) for n, p in self._named_params])
+        bad_stat = first_nonfinite([(f'BatchNorm statistic {n}', b) for n, b in zip(self._buffer_names, self._buffers)])
+        if distributed.active() and not self.sync_bn:  # each process's own statistics: every process refuses if any must
+            if distributed.sum_scalar(float(bad_stat is not None)) > 0 and bad_stat is None: bad_stat = 'BatchNorm statistic in another process'
+        bad = bad_grad or bad_stat
         # fp16: gradients beyond the loss scale's range are GradScaler's to handle (it skips the step and lowers the scale);
         # at a scale of 1 or less the scaling cannot be what overflowed, and the step is refused as any other
-        overflow = (bad is not None and not bad_terms and self.scaler is not None and first_nonfinite(stats) is None
-                    and self.scaler.get_scale() > 1)
+        overflow = bad_grad is not None and bad_stat is None and not bad_terms and self.scaler is not None and self.scaler.get_scale() > 1
         if bad_terms or bad:
             self.method.after_step(self.model)  # remove any weight perturbation: the model stays at its last good weights
             torch._foreach_copy_(self._buffers, self._saved_buffers)
@@ -323,8 +325,10 @@ class Learner(TrainingLoop):
         distributed.broadcast_([p.data for p in held_params] + self._held_buffers)  # one initialisation for every process
         self.params = [p for m in [self.model, *self.extra.values()] for p in m.parameters() if p.requires_grad]
         self._named_params = [(n, p) for m in [self.model, *self.extra.values()] for n, p in m.named_parameters() if p.requires_grad]
-        named_buffers = [(n, b) for m in [self.model, *self.extra.values()] for n, b in m.named_buffers() if b.is_floating_point()]
-        self._buffer_names, self._buffers = [n for n, _ in named_buffers], [b for _, b in named_buffers]
+        # BN statistics checked and, for a refused step, restored: also those of the evaluated model (SEAT's average takes a step's in)
+        roles = [('', self.model), *self.extra.items(), ('evaluated', held[-1])]
+        named_buffers = {id(b): (f'{r}.{n}' if r else n, b) for r, m in reversed(roles) for n, b in m.named_buffers() if b.is_floating_point()}
+        self._buffer_names, self._buffers = [n for n, _ in named_buffers.values()], [b for _, b in named_buffers.values()]
         self._saved_buffers = [b.clone() for b in self._buffers]
         self.opt = torch.optim.SGD(self.params, lr=self.schedule.lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self.scaler = torch.amp.GradScaler('cuda') if amp == 'fp16' else None

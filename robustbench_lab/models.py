@@ -72,9 +72,10 @@ class MultiBN(nn.Module):
             out = torch.empty_like(x)
             # synchronised BN (sync_bn in a process group) is a collective: every process calls every branch some process has
             # rows for, with none of its own if need be, or the processes' collectives pair up across branches and layers
-            collective = self.training and any(isinstance(bn, nn.SyncBatchNorm) or getattr(bn, 'collective', False) for bn in self.bns)
+            collective = self.training and torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                any(isinstance(bn, nn.SyncBatchNorm) or getattr(bn, 'collective', False) for bn in self.bns)
             if collective:
-                rows = torch.bincount(self.route, minlength=self.K)
+                rows = torch.bincount(self.route.to(x.device), minlength=self.K)
                 torch.distributed.all_reduce(rows)
                 branches = rows.nonzero().flatten().tolist()
             else: branches = self.route.unique().tolist()

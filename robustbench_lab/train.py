@@ -583,6 +583,7 @@ def _f2at_estimators(cfg, run_dir, device):
             run_dir.mkdir(parents=True, exist_ok=True)
             save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=cfg['f2at_K'], source=cfg['f2at_source'])
         return en, ep, pretrain
+    _check_shared(path)  # every process reads them
     en, ep, meta = load_estimators(path)
     if meta.get('K') not in (None, cfg['f2at_K']) or meta.get('source') not in (None, cfg['f2at_source']):
         raise ConfigError(f"f2at_estimators: trained for K = {meta.get('K')} on {meta.get('source')!r}, not K = {cfg['f2at_K']} on {cfg['f2at_source']!r}")
@@ -681,15 +682,16 @@ def method_probes(cfg:dict, xt:torch.Tensor, yt:torch.Tensor) -> list:
     return []
 
 # %% ../nbs/08_train.ipynb #a80cea8a
-def _check_shared_folder(run_dir:Path, wait_s:float=30):
-    "Every process sees the config.json rank 0 wrote: the run folder is on a filesystem all nodes share (resume, reports read it)."
+def _check_shared(path:Path, wait_s:float=30):
+    "Every process sees `path`, a file rank 0 sees: the run folder is on a filesystem all nodes share (resume, reports read it)."
     if distributed.world_size() == 1: return
     deadline = time.monotonic() + wait_s  # a network filesystem may show another node's new file a little later
-    while not (seen := (run_dir/'config.json').exists()) and time.monotonic() < deadline: time.sleep(1)
-    blind = [r for r, s in enumerate(distributed.gather_objects(seen)) if not s]
-    if blind:
-        raise ConfigError(f"runs_dir: process(es) {blind} do not see {run_dir}/config.json, which rank 0 wrote (waited {wait_s:g} s); put "
-                          'runs_dir on a filesystem every node shares (checkpoints, estimators and reports are read back from it)')
+    while not (seen := path.exists()) and time.monotonic() < deadline: time.sleep(1)
+    seen = distributed.gather_objects(seen)
+    blind = [r for r, s in enumerate(seen) if not s]
+    if blind and seen[0]:  # (where rank 0 lacks it too, reading it fails with an error of its own)
+        raise ConfigError(f"runs_dir: process(es) {blind} do not see {path}, which rank 0 sees (waited {wait_s:g} s); put runs_dir "
+                          'on a filesystem every node shares (checkpoints, estimators and reports are read back from it)')
 
 
 def _train_here(cfg:dict) -> TrainResult:
@@ -721,7 +723,7 @@ def _train_here(cfg:dict) -> TrainResult:
         with atomic_write(run_dir/'config.json', 'w') as f: json.dump(stored, f, indent=1)
         if os.environ.get(RUN_DIR_FILE_ENV): Path(os.environ[RUN_DIR_FILE_ENV]).write_text(str(run_dir.resolve()))
     distributed.barrier()
-    _check_shared_folder(run_dir)
+    _check_shared(run_dir/'config.json')
     cbs = _callbacks(cfg, run_dir, x, y, xt, yt) + method_probes(cfg, xt, yt)
     schedule = Schedule(cfg['schedule'], cfg['lr'], cfg['epochs'], cfg['milestones'], cfg['lr_factors'],
                         steps_per_epoch=len(loader.x)//cfg['batch_size'] + 1 if cfg['schedule'] == 'onecycle' else None)

@@ -61,12 +61,12 @@ def _bn_worker():
 
 def _unshared_folder_worker(folder):
     "Rank 0 writes a run folder's config.json that rank 1 cannot see, as on two nodes without a shared filesystem."
-    from robustbench_lab.train import _check_shared_folder
+    from robustbench_lab.train import _check_shared
     r, _ = distributed.join_group()
     mine = Path(folder)/f'node{r}'
     mine.mkdir()
     if r == 0: (mine/'config.json').write_text('{}')
-    try: _check_shared_folder(mine, wait_s=0.2)
+    try: _check_shared(mine/'config.json', wait_s=0.2)
     except ConfigError as e: return str(e)
 
 

@@ -155,6 +155,21 @@ def test_fp16_gradient_overflow_is_skipped_by_the_scaler_not_taken_for_divergenc
     assert learn.history[-1]['skipped_steps'] == 8 and 'amp_skipped_steps' not in learn.history[-1]
 
 
+def test_a_refused_step_leaves_seats_average_as_it_was():
+    from robustbench_lab.data import Loader, load_arrays
+    from robustbench_lab.methods import SEAT
+    from robustbench_lab.models import create_model
+    from robustbench_lab.objectives import PGDAT
+    x, y = load_arrays('digits', 'train')
+    torch.manual_seed(0)
+    learn = Learner(create_model('small_cnn', 'digits', width=8), SEAT(PGDAT(eps=0.1, alpha=0.05, steps=1)),
+                    Loader(x[:320], y[:320], batch_size=32, shuffle=True), epochs=1, lr=0.05, schedule='constant', nonfinite='skip')
+    learn.model.register_forward_pre_hook(lambda m, args: (args[0]*float('nan'),) if learn.step >= 2 else None)
+    learn.fit()  # NaN inputs from step 2 on: 8 refused steps, whose NaN BatchNorm statistics the average used to take in
+    assert learn.history[-1]['skipped_steps'] == 8
+    assert all(torch.isfinite(b).all() for b in learn.eval_model().buffers() if b.is_floating_point())
+
+
 def test_a_diverging_pipeline_exits_non_zero_and_says_why_in_its_report(tmp_path):
     out = papermill('train.ipynb', tmp_path/'o.ipynb', {'lr': 1e6, 'epochs': 1, 'runs_dir': tmp_path/'runs', 'checkpoint_every': 1,
                                                          'n_report': 32, 'progress': False})
