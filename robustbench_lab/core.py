@@ -244,10 +244,9 @@ def seed_everything(seed:int, # the run's seed
 
 
 def _gpu(device) -> torch.device:
-    "The GPU whose generator a run uses: its own device when that is a GPU, else the current one."
-    device = torch.device(device) if device is not None else None
-    return torch.device('cuda', device.index if device.index is not None else torch.cuda.current_device()) \
-        if device is not None and device.type == 'cuda' else torch.device('cuda', torch.cuda.current_device())
+    "The GPU whose generator a run uses: the run's own when it runs on one with an index, else the current one."
+    device = torch.device(device if device is not None else 'cpu')
+    return torch.device('cuda', device.index if device.type == 'cuda' and device.index is not None else torch.cuda.current_device())
 
 
 def get_rng_state(device:str|torch.device|None=None, # the run's device: its GPU's generator is captured (default: the current GPU)

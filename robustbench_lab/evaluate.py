@@ -556,7 +556,7 @@ def _run_suite(model, x, y, attacks, batch_size, seed, checks, mode, progress, d
 
 # %% ../nbs/04_evaluate.ipynb #17eabc09
 def evaluate_worker(model:nn.Module, x:torch.Tensor, y:torch.Tensor, kw:dict,
-                    device:str='cpu', # where the caller's model is: CUDA means one GPU per process (the model arrives on the CPU)
+                    device:str, # where the caller's model is: CUDA means one GPU per process (the model arrives on the CPU)
                    ) -> Report:
     "One process of `evaluate(..., nproc=N)`: join the group, evaluate this process's batches, return the gathered report."
     distributed.join_group(distributed.default_backend(device))

@@ -197,14 +197,14 @@ class TrainingLoop:
         distributed.reduce_grads_(self.params)
         if self.scaler is not None: self.scaler.unscale_(self.opt)  # fp16: the true gradients are checked, not the scaled ones
         bad_terms = nonfinite_terms(self.logs)  # losses and gradients are global: every process decides alike on them
-        bad_grad = first_nonfinite([(f'gradient of {n}', p.grad) for n, p in self._named_params])
-        bad_stat = first_nonfinite([(f'BatchNorm statistic {n}', b) for n, b in zip(self._buffer_names, self._buffers)])
+        stats = [(f'BatchNorm statistic {n}', b) for n, b in zip(self._buffer_names, self._buffers)]
+        bad = first_nonfinite([(f'gradient of {n}', p.grad) for n, p in self._named_params] + stats)  # one sync when all is finite
+        bad_stat = first_nonfinite(stats) if bad is not None else None
         if distributed.active() and not self.sync_bn:  # each process's own statistics: every process refuses if any must
-            if distributed.sum_scalar(float(bad_stat is not None)) > 0 and bad_stat is None: bad_stat = 'BatchNorm statistic in another process'
-        bad = bad_grad or bad_stat
+            if distributed.sum_scalar(float(bad_stat is not None)) > 0 and bad_stat is None: bad = bad_stat = 'BatchNorm statistic in another process'
         # fp16: gradients beyond the loss scale's range are GradScaler's to handle (it skips the step and lowers the scale);
         # at a scale of 1 or less the scaling cannot be what overflowed, and the step is refused as any other
-        overflow = bad_grad is not None and bad_stat is None and not bad_terms and self.scaler is not None and self.scaler.get_scale() > 1
+        overflow = bad is not None and bad_stat is None and not bad_terms and self.scaler is not None and self.scaler.get_scale() > 1
         if bad_terms or bad:
             self.method.after_step(self.model)  # remove any weight perturbation: the model stays at its last good weights
             torch._foreach_copy_(self._buffers, self._saved_buffers)
