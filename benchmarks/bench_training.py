@@ -14,9 +14,17 @@ Rows (all on the same CIFAR-10 batches of 128 from the same `Loader`, crop/flip 
 The rows run alternately (A B A B ...), a fresh model each time; the speed-up is the median of the per-pair ratios, so
 that the slow drifts of a shared machine cancel. The process keeps freed memory for reuse (`keep_freed_memory`, which
 the learner turns on anyway) for every row; `--allocator` measures instead what that setting is worth to the competent
-loop: fresh processes with glibc's defaults and with freed memory kept, alternating. One JSON line per invocation.
+loop: fresh processes with glibc's defaults and with freed memory kept, alternating. `--fill`: the learner with and
+without torch's filling of every new tensor, which `use_deterministic_algorithms(True)` turns on by default and
+`seed_everything` turns off. One JSON line per invocation.
 
     python benchmarks/bench_training.py --arch small_cnn --allocator --pairs 3
+    python benchmarks/bench_training.py --arch small_cnn --fill --pairs 3
+
+Each pair of the main comparison also times the step's convolutions and linear layers alone (*kernels only*: every
+forward, input-gradient and weight-gradient kernel a PGD-10 AT step runs, on the model's shapes, with nothing between
+them: no BatchNorm, ReLU, loss, attack update, data or optimiser; the faster of channels-last and NCHW): no loop that
+does this arithmetic with these kernels can be faster, so `kernels_only_vs_competent_median` bounds any loop's lead.
 
 `--compare hfat`: AT_HF (`HFAT(PGDAT())`, 5 standard-branch steps, PGD-10 auxiliary branch, the paper's weighting) against
 AT (PGD-10), both through the learner; `--compare afa`: AFA Stage I (K = 5, PGD-7 per branch) against AT with PGD-7 at
@@ -127,6 +135,54 @@ def compare_rows(arch, what, n_batches, pairs):
                 time_ratio_per_pair=ratios, time_ratio_median=statistics.median(ratios), passes=passes)
 
 
+def kernel_only(arch, channels_last, reps=1):
+    "img/s of a PGD-10 AT step's convolutions and linear layers alone: the model's shapes, nothing between the kernels."
+    model, calls = create_model(arch, 'cifar10').eval(), []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].shape)))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad(): model(torch.zeros(128, 3, 32, 32))
+    for h in hooks: h.remove()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    layers = []  # (forward, data gradient, weight gradient) of each layer, in forward order
+    for mod, shape in calls:
+        w, x = mod.weight.detach(), torch.randn(shape)
+        if isinstance(mod, torch.nn.Linear):
+            gy = torch.randn(shape[0], w.shape[0])
+            layers.append((lambda x=x, w=w: x @ w.T, lambda gy=gy, w=w: gy @ w, lambda gy=gy, x=x: gy.T @ x))
+            continue
+        x, w = x.to(memory_format=fmt), w.to(memory_format=fmt)
+        conv = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
+        gy = torch.randn_like(F.conv2d(x, w, **conv))
+        back = lambda mask, gy=gy, x=x, w=w, c=conv: torch.ops.aten.convolution_backward(
+            gy, x, w, None, c['stride'], c['padding'], c['dilation'], False, [0, 0], c['groups'], mask)
+        layers.append((lambda x=x, w=w, c=conv: F.conv2d(x, w, **c), lambda b=back: b([True, False, False]),
+                       lambda b=back: b([False, True, False])))
+    def step():
+        for _ in range(STEPS):  # the attack: forward and the input gradient through every layer
+            for fwd, data, _ in layers: fwd(); data()
+        for i, (fwd, data, weight) in enumerate(layers):  # the training step: no data gradient into the input
+            fwd(); weight()
+            if i: data()
+    step()
+    t0 = time.perf_counter()
+    for _ in range(reps): step()
+    return 128*reps/(time.perf_counter() - t0)
+
+
+def fill_rows(arch, n_batches, pairs):
+    "The learner with torch's filling of new tensors (what `use_deterministic_algorithms` does by default) and without."
+    import torch.utils.deterministic as det
+    on, off = [], []
+    for i in range(pairs):
+        for fill, row in ((True, on), (False, off)):
+            model, loader = fresh(arch, learner_defaults()['channels_last'])
+            det.fill_uninitialized_memory = fill  # after fresh(): seed_everything sets it
+            row.append(learner_loop(model, loader, n_batches, **learner_defaults()))
+        print(f'pair {i + 1}: filling {on[-1]:.1f} not filling {off[-1]:.1f} img/s', flush=True)
+    return dict(bench='fill_uninitialized_memory', arch=arch, batches=n_batches, img_per_s=dict(filling=on, not_filling=off),
+                speedup_median=statistics.median([b/a for a, b in zip(on, off)]))
+
+
 def fresh(arch, channels_last):
     seed_everything(0)
     model = create_model(arch, 'cifar10')
@@ -181,6 +237,7 @@ if __name__ == '__main__':
     p.add_argument('--allocator', action='store_true', help='what keeping freed memory is worth to the competent loop')
     p.add_argument('--plain-child', action='store_true', help=argparse.SUPPRESS)  # one competent-loop measurement (--allocator)
     p.add_argument('--keep', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--fill', action='store_true', help="what torch's filling of new tensors in deterministic mode costs the learner")
     p.add_argument('--compare', choices=['hfat', 'afa'], help="a method's per-image time over AT's")
     p.add_argument('--profile', action='store_true', help='profile one step of each instead of timing')
     a = p.parse_args()
@@ -195,6 +252,10 @@ if __name__ == '__main__':
         print(json.dumps(dict(**allocator_rows(a.arch, a.batches, a.pairs), machine=machine)))
         raise SystemExit
     keep_freed_memory()
+    if a.fill:
+        learner_loop(*fresh(a.arch, learner_defaults()['channels_last']), 1, **learner_defaults())  # warm-up
+        print(json.dumps(dict(**fill_rows(a.arch, a.batches, a.pairs), machine=machine)))
+        raise SystemExit
     if a.compare:
         method_loop(a.arch, Standard(PGDAT(eps=EPS, alpha=ALPHA, steps=STEPS)), 1)  # warm-up
         print(json.dumps(dict(**compare_rows(a.arch, a.compare, a.batches, a.pairs), machine=machine)))
@@ -205,17 +266,22 @@ if __name__ == '__main__':
     plain_loop(*fresh(a.arch, False), 1)  # warm-up outside the timed pairs
     learner_loop(*fresh(a.arch, learner_defaults()['channels_last']), 1, **learner_defaults())
     rows = dict(competent=[], learner=[], **({'competent_cl': []} if a.cl else {}), **({'naive': []} if a.naive else {}))
+    floor = []
     for i in range(a.pairs):
+        floor.append(max(kernel_only(a.arch, True), kernel_only(a.arch, False)))
         rows['competent'].append(plain_loop(*fresh(a.arch, False), a.batches))
         rows['learner'].append(learner_loop(*fresh(a.arch, learner_defaults()['channels_last']), a.batches, **learner_defaults()))
         if a.cl:
             model, loader = fresh(a.arch, True)
             rows['competent_cl'].append(plain_loop(model.to(memory_format=torch.channels_last), loader, a.batches))
         if a.naive: rows['naive'].append(plain_loop(*fresh(a.arch, False), a.batches, params_too=True))
-        print(f'pair {i + 1}: ' + ' '.join(f'{k} {v[-1]:.1f}' for k, v in rows.items()) + ' img/s', flush=True)
+        print(f'pair {i + 1}: ' + ' '.join(f'{k} {v[-1]:.1f}' for k, v in rows.items()) + f' img/s, kernels only {floor[-1]:.1f} img/s',
+              flush=True)
     ratio = lambda k: statistics.median([v/c for v, c in zip(rows[k], rows['competent'])])
     out = dict(bench='pgd10_at_training', arch=a.arch, batch=128, batches=a.batches, pairs=a.pairs, img_per_s=rows,
                speedup_per_pair=[l/c for l, c in zip(rows['learner'], rows['competent'])], speedup_median=ratio('learner'),
                **{f'{k}_vs_competent_median': ratio(k) for k in rows if k not in ('competent', 'learner')},
+               kernels_only_img_per_s=floor, kernels_only_vs_competent_median=statistics.median(
+                   [f/c for f, c in zip(floor, rows['competent'])]),
                learner_settings=learner_defaults(), machine=machine)
     print(json.dumps(out))
