@@ -33,11 +33,11 @@ import warnings
 warnings.filterwarnings('ignore', message='torch.distributed.nn.functional.all_reduce is deprecated', category=FutureWarning)
 
 # %% auto #0
-__all__ = ['BACKENDS', 'active', 'rank', 'world_size', 'is_main', 'launched', 'default_backend', 'join_group', 'leave_group',
-           'local_device', 'batch_share', 'share', 'global_rows', 'scale_loss', 'all_reduce_sum_', 'sum_scalar',
-           'reduce_grads_', 'average_logs', 'broadcast_', 'broadcast_state_', 'gather_objects', 'barrier',
-           'map_batches', 'DistBatchNorm2d', 'sync_batchnorm', 'has_batchnorm', 'WorkerFailed', 'free_port', 'launch',
-           'probe']
+__all__ = ['BACKENDS', 'PATIENT_TIMEOUT_S', 'active', 'rank', 'world_size', 'is_main', 'launched', 'default_backend',
+           'join_group', 'leave_group', 'local_device', 'batch_share', 'share', 'global_rows', 'scale_loss',
+           'all_reduce_sum_', 'sum_scalar', 'reduce_grads_', 'average_logs', 'broadcast_', 'broadcast_state_',
+           'gather_objects', 'barrier', 'map_batches', 'DistBatchNorm2d', 'sync_batchnorm', 'has_batchnorm',
+           'WorkerFailed', 'free_port', 'launch', 'probe']
 
 # %% ../nbs/09_distributed.ipynb #ebe85ce0
 BACKENDS = ('gloo', 'nccl')
@@ -88,14 +88,17 @@ def join_group(backend:str|None=None, # 'gloo' or 'nccl'; None: nccl when CUDA i
             raise ConfigError(f'LOCAL_RANK = {local}: only {torch.cuda.device_count()} CUDA device(s) here; start at most one process per GPU')
         torch.cuda.set_device(local)
     if not dist.is_initialized(): dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if dist.get_world_size() > 1: _patient_group()  # made now, while the processes are level (see `gather_objects`)
     return dist.get_rank(), dist.get_world_size()
 
 
 def leave_group():
     "Tear the process group down once every process is done with it (nccl warns, and may hang at exit, without it)."
+    global _PATIENT
     if dist.is_initialized():
-        dist.barrier()  # nobody tears the group down while another process still uses it
+        barrier()  # nobody tears the group down while another process still uses it (rank 0 may still write files)
         dist.destroy_process_group()
+        _PATIENT = (None, None)
 
 
 def local_device(device:str|torch.device) -> torch.device:
@@ -189,17 +192,29 @@ def broadcast_state_(module:nn.Module, src:int=0):
     broadcast_([p.data for p in module.parameters()] + list(module.buffers()), src)
 
 
+PATIENT_TIMEOUT_S = 24*3600
+_PATIENT = (None, None)
+
+
+def _patient_group():
+    "A gloo group of every process whose collectives wait up to a day: where processes meet after work of uneven length."
+    global _PATIENT
+    world = dist.group.WORLD  # a new default group (the next job in this process) gets a new patient group
+    if _PATIENT[0] is not world: _PATIENT = (world, dist.new_group(backend='gloo', timeout=timedelta(seconds=PATIENT_TIMEOUT_S)))
+    return _PATIENT[1]
+
+
 def gather_objects(obj) -> list:
-    "Every process's `obj`, in rank order, on every process."
+    "Every process's `obj`, in rank order, on every process (waiting up to a day for the last one)."
     if not active(): return [obj]
     out = [None]*world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_patient_group())
     return out
 
 
 def barrier():
-    "Wait for every process (no-op outside a group)."
-    if active(): dist.barrier()
+    "Wait up to a day for every process (no-op outside a group)."
+    if active(): dist.barrier(group=_patient_group())
 
 
 def map_batches(fn:Callable, # slice -> result (tensors are gathered on the CPU)

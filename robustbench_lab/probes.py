@@ -202,9 +202,11 @@ class AFAProbeCB(Callback):
         self.grid = [eps_max*k/(points - 1) for k in range(check('points', points, int, lo=2))]
 
     def after_epoch(self, learn):
-        if (learn.epoch % self.every and learn.epoch != learn.epochs) or not distributed.is_main(): return
-        r = afa_mechanism(learn.eval_model(), self.x, self.y, self.grid, self.steps, self.seed)
-        learn.record.update({f'probe_{k}': v for k, v in r.items()})
+        if learn.epoch % self.every and learn.epoch != learn.epochs: return
+        if distributed.is_main():
+            r = afa_mechanism(learn.eval_model(), self.x, self.y, self.grid, self.steps, self.seed)
+            learn.record.update({f'probe_{k}': v for k, v in r.items()})
+        distributed.barrier()  # the others wait here, patiently, not in the next step's collective
 
 
 class F2ATProbeCB(Callback):
@@ -216,10 +218,12 @@ class F2ATProbeCB(Callback):
         self.y, self.every, self.seed = y, check('every', every, int, lo=1), seed
 
     def after_epoch(self, learn):
-        if (learn.epoch % self.every and learn.epoch != learn.epochs) or not distributed.is_main(): return
+        if learn.epoch % self.every and learn.epoch != learn.epochs: return
         if learn.method.est_nat is None: return  # mode 'target' before its estimators are pre-trained: nothing to measure yet
-        r = f2at_mechanism(learn.model, learn.method, self.x, self.y, self.seed)
-        learn.record.update({f'probe_{k}': v for k, v in r.items()})
+        if distributed.is_main():
+            r = f2at_mechanism(learn.model, learn.method, self.x, self.y, self.seed)
+            learn.record.update({f'probe_{k}': v for k, v in r.items()})
+        distributed.barrier()  # the others wait here, patiently, not in the next step's collective
 
 
 def mechanism_flags(record:dict) -> list[dict]:

@@ -76,6 +76,24 @@ def test_a_run_folder_other_processes_cannot_see_is_refused_by_all(tmp_path):
     assert msg and 'process(es) [1] do not see' in msg and 'shares' in msg, msg  # rank 0 raises too: no process runs on alone
 
 
+def _uneven_worker():
+    "Two processes meeting after work of uneven length, each wait longer than the group's timeout: dealt-out batches, rank 0's files."
+    from datetime import timedelta
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+    distributed.join_group('gloo')  # (joined with the usual timeout: the workers start at somewhat different times)
+    _set_pg_timeout(timedelta(seconds=1))  # the default group's collectives now give up after 1 s
+    slow_batch_1 = lambda s: (time.sleep(3) if s.start == 1 else None, s.start)[1]  # batch 1 is rank 1's
+    got = distributed.map_batches(slow_batch_1, [slice(0, 1), slice(1, 2)])
+    if distributed.is_main(): time.sleep(3)
+    distributed.barrier()
+    return got
+
+
+def test_processes_wait_for_uneven_work_past_the_groups_timeout():
+    import tests.test_distributed as me
+    assert distributed.launch(me._uneven_worker, nproc=2) == [0, 1]
+
+
 def test_synchronised_batchnorm_is_batchnorm_on_the_whole_batch():
     import signal
     import tests.test_distributed as me
