@@ -20,8 +20,8 @@ the JSON is rewritten after every row, so a run stopped at its time limit keeps 
 3. **autoattack**: the standard version on the first 1,000 CIFAR-10 test points against the `pyautoattack` ResNet-18,
    through `evaluate(..., ['AA'])` and through `pyautoattack` called directly: seconds, accuracies, overhead (≤ 5%).
 4. **methods**: PGD-AT and each `-code` preset's method (and AFA Stage I/II, F²AT, IAT from their `-paper` presets)
-   train two epochs of `--steps` steps on CIFAR-10 with bf16 autocast, channels-last and `compile=True` (CPU: fp32, and
-   the `eager` compile backend, which still captures every graph); an error, a non-finite loss or a loss that does not
+   train two epochs of `--steps` steps on CIFAR-10 with bf16 autocast, channels-last and `compile=True` (CPU: bf16 autocast
+   too, and the `eager` compile backend, which still captures every graph); an error, a non-finite loss or a loss that does not
    fall (mean of the last quarter of the steps not below the first quarter's) fails the check. The second epoch's
    throughput (compiled graphs cached) is the method's per-image cost.
 5. **estimates** (computed, not measured): each recipe's training time on 1 and 8 GPUs = epochs × 50,000 images × the
@@ -140,7 +140,7 @@ def later_epochs_img_per_s(metrics):
 
 def check_methods(a, runs_dir, device, res):
     "PGD-AT and each method train two epochs of `a.steps` steps; per method: seconds, first/last losses, per-image cost, verdict."
-    fast = dict(amp='bf16', compile=True) if device == 'cuda' else dict(amp=None, compile='eager')
+    fast = dict(amp='bf16', compile=True if device == 'cuda' else 'eager')
     common = dict(dataset='cifar10', arch=a.arch, n_train=a.steps*a.batch, batch_size=a.batch, epochs=2, device=device,
                   channels_last=True, n_eval=a.eval_n, n_report=a.eval_n, suite='monitor', runs_dir=str(runs_dir),
                   progress=False, resume=False, seed=0, helper_epochs=1, f2at_source_epochs=1, f2at_est_epochs=2,

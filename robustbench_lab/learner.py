@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +24,8 @@ from .data import Loader
 from .methods import Method
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'NONFINITE', 'RUN_ONLY_KEYS', 'RECOMPILE_LIMIT', 'Schedule',
-           'CancelFitException', 'Callback', 'save_checkpoint', 'load_checkpoint', 'TrainingDiverged',
+__all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'AMP_DEVICES', 'NONFINITE', 'RUN_ONLY_KEYS', 'RECOMPILE_LIMIT', 'Schedule',
+           'CancelFitException', 'Callback', 'save_checkpoint', 'load_checkpoint', 'check_amp', 'TrainingDiverged',
            'nonfinite_terms', 'first_nonfinite', 'epoch_accumulators', 'TrainingLoop', 'Learner', 'EvalCB',
            'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
 
@@ -131,6 +132,24 @@ def load_checkpoint(path:str|Path, map_location='cpu') -> dict:
 
 # %% ../nbs/07_learner.ipynb #066ec0d1
 AMP = {None: None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+AMP_DEVICES = {'bf16': ('cuda', 'cpu'), 'fp16': ('cuda',)}  # fp16 needs loss scaling, which the learner does on CUDA only
+
+
+def check_amp(amp:str|None, # 'bf16', 'fp16' or None (fp32)
+              device:torch.device, # where the run trains
+             ) -> str|None:
+    "`amp` if it can run on `device`, else a `ConfigError` saying what can."
+    check('amp', amp, str, choices=list(AMP_DEVICES), allow_none=True)
+    if amp and device.type not in AMP_DEVICES[amp]:
+        raise ConfigError(f"amp = {amp!r} on {device.type}: mixed precision is 'bf16' or 'fp16' on CUDA and 'bf16' on a CPU "
+                          '(fast only on one with bf16 instructions); else amp=None (fp32)')
+    return amp
+
+
+def _slow_cpu_bf16(amp, device) -> bool:
+    "bf16 autocast on a CPU without bf16 arithmetic (AVX512-BF16 or AMX): every op converts instead of computing faster."
+    has = lambda f: getattr(torch.cpu, f, lambda: False)()  # (private checks of torch's own CPU dispatch)
+    return amp == 'bf16' and device.type == 'cpu' and not (has('_is_avx512_bf16_supported') or has('_is_amx_tile_supported'))
 NONFINITE = ('stop', 'skip')
 RUN_ONLY_KEYS = ('resume', 'progress', 'nproc', 'backend')  # how a run is executed, not what it computes: free to change on resume
 
@@ -291,7 +310,7 @@ class Learner(TrainingLoop):
                  cbs:list|None=None, # callbacks
                  device:str|None='cpu', # 'cpu', 'cuda', 'mps' or 'auto'
                  channels_last:bool=False, # model and batches in channels-last memory format
-                 amp:str|None=None, # mixed precision on CUDA: 'bf16' or 'fp16' (autocast); None: fp32
+                 amp:str|None=None, # mixed precision (autocast): 'bf16' (CUDA or CPU) or 'fp16' (CUDA, loss-scaled); None: fp32
                  compile:bool|str=False, # torch.compile the forward pass (True: inductor; a string: that backend)
                  config:dict|None=None, # stored in checkpoints; a resume must present the same
                  nonfinite:str='stop', # a NaN/inf loss or gradient: 'stop' with `TrainingDiverged`, or 'skip' the step (counted)
@@ -302,9 +321,10 @@ class Learner(TrainingLoop):
         self.epochs = check('epochs', epochs, int, lo=1)
         check('momentum', momentum, float, lo=0, hi=1, hi_open=True); check('weight_decay', weight_decay, float, lo=0)
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule, lr, epochs)
-        check('amp', amp, str, choices=['bf16', 'fp16'], allow_none=True)
-        if amp and self.device.type != 'cuda':
-            raise ConfigError(f'amp = {amp!r}: mixed precision is for CUDA; on {self.device.type} train in fp32 (amp=None)')
+        check_amp(amp, self.device)
+        if _slow_cpu_bf16(amp, self.device):
+            warnings.warn("amp='bf16' on a CPU without bf16 instructions (AVX512-BF16, AMX): a small_cnn PGD-AT step ran 14x slower "
+                          'than in fp32 on such a CPU (BENCHMARKS.md); amp=None trains faster here')
         if not isinstance(compile, (bool, str)): raise ConfigError(f'compile = {compile!r}: expected True, False or a torch.compile backend name')
         self.nonfinite = check('nonfinite', nonfinite, str, choices=NONFINITE)
         self.sync_bn = check('sync_bn', sync_bn, bool)
@@ -351,7 +371,7 @@ class Learner(TrainingLoop):
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _autocast(self):
-        return torch.autocast('cuda', dtype=AMP[self.amp]) if self.amp else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP[self.amp]) if self.amp else contextlib.nullcontext()
 
     @property
     def lr(self) -> float: return self.opt.param_groups[0]['lr']

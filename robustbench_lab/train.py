@@ -27,7 +27,7 @@ from .core import ConfigError, atomic_write, check, check_list, get_device, seed
 from .data import DATASETS, DataNotFoundError, Loader, dataset_info, default_augment, load_arrays
 from .evaluate import SUITES, Report, evaluate
 from .learner import (SCHEDULES, AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, ProgressCB, Schedule,
-                                     StepLogCB, RUN_ONLY_KEYS, TrainingDiverged, load_checkpoint)
+                                     StepLogCB, RUN_ONLY_KEYS, TrainingDiverged, check_amp, load_checkpoint)
 from .afa import AFA, OAT, OAT_LAMBDAS, AFAModel, AFAStage2, BranchView, check_xi, default_xi, oat_model
 from .dynat import DYNAT, dynat_objective
 from .f2at import ABLATIONS as F2AT_ABLATIONS, F2AT, load_estimators, pretrain_estimators, save_estimators
@@ -314,8 +314,7 @@ def _check_run_settings(c:dict):
     check('pad_mode', c['pad_mode'], str, choices=['constant', 'reflect']); check('nonfinite', c['nonfinite'], str, choices=['stop', 'skip'])
     check('probe_n', c['probe_n'], int, lo=2); check('probe_every', c['probe_every'], int, lo=1)
     _check_processes(c, device)
-    check('amp', c['amp'], str, choices=['bf16', 'fp16'], allow_none=True)
-    if c['amp'] and get_device(c['device']).type != 'cuda': raise ConfigError(f"amp = {c['amp']!r}: mixed precision needs device='cuda'")
+    check_amp(c['amp'], device)
     check('checkpoint_every', c['checkpoint_every'], int, lo=1, allow_none=True)
     if c['run_name'] is None:
         c['run_name'] = f"{c['method']}-{c['objective'] or 'lbgat'}-{c['dataset']}-{c['arch']}-s{c['seed']}"

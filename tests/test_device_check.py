@@ -24,6 +24,7 @@ def test_device_check_runs_every_method_and_measurement_at_tiny_sizes(tmp_path, 
     assert {'pgd-at', 'hfat-code', 'dynat-code', 'awp-code', 'lbgat-code', 'seat-code', 'oat-code', 'f2at-paper', 'afa-paper stage 1',
             'afa-paper stage 2'} <= set(methods) and all(r['ok'] for r in methods.values())
     assert all(r['steps'] == 8 and r['img_per_s_steady'] > 0 for r in methods.values())  # two epochs of 4 steps
+    assert all(r['amp'] == 'bf16' for r in methods.values())  # the GPU run's autocast dtype paths, here on the CPU
     # every method compiles (the `eager` backend still captures graphs), within dynamo's recompile limit: AFA's Stage I
     # needs 9 variants of the forward, OAT's per-sample routing more, past dynamo's default of 8
     assert all(r['graphs_compiled'] >= 1 for r in methods.values())

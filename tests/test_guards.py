@@ -1,6 +1,7 @@
 """The newcomer's path: misspelt parameters, empty resumes, non-finite values and diverging runs stop with a clear error and a
 non-zero exit; presets name their methods and yield to explicit values; errors speak each pipeline's names; run files get
 ordinary permissions; relative data paths resolve against the repository; the lab leaves the notebooks clean."""
+import contextlib
 import json
 import os
 import subprocess
@@ -153,6 +154,27 @@ def test_fp16_gradient_overflow_is_skipped_by_the_scaler_not_taken_for_divergenc
     learn = learner(2.0**16, cbs=[Poison(2)], nonfinite='skip')
     learn.fit()
     assert learn.history[-1]['skipped_steps'] == 8 and 'amp_skipped_steps' not in learn.history[-1]
+
+
+def test_bf16_autocast_runs_the_step_on_a_cpu_and_fp16_is_refused_there():
+    from robustbench_lab.data import Loader, load_arrays
+    from robustbench_lab.methods import Standard
+    from robustbench_lab.models import create_model
+    from robustbench_lab.objectives import PGDAT
+    x, y = load_arrays('digits', 'train')
+    torch.manual_seed(0)
+    model = create_model('small_cnn', 'digits', width=8)
+    seen = set()
+    model.linear.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    learner = lambda amp: Learner(model, Standard(PGDAT(eps=0.1, alpha=0.05, steps=1)), Loader(x[:64], y[:64], batch_size=32),
+                                  epochs=1, lr=0.05, schedule='constant', amp=amp)
+    from robustbench_lab.learner import _slow_cpu_bf16
+    with pytest.warns(UserWarning, match='14x slower') if _slow_cpu_bf16('bf16', torch.device('cpu')) else contextlib.nullcontext():
+        learn = learner('bf16')
+    learn.fit()
+    assert seen == {torch.bfloat16}  # the attack's and the update's forwards, under autocast
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ConfigError, match="amp = 'fp16' on cpu"): learner('fp16')
 
 
 def test_a_refused_step_leaves_seats_average_as_it_was():
