@@ -150,6 +150,8 @@ def _slow_cpu_bf16(amp, device) -> bool:
     "bf16 autocast on a CPU without bf16 arithmetic (AVX512-BF16 or AMX): every op converts instead of computing faster."
     has = lambda f: getattr(torch.cpu, f, lambda: False)()  # (private checks of torch's own CPU dispatch)
     return amp == 'bf16' and device.type == 'cpu' and not (has('_is_avx512_bf16_supported') or has('_is_amx_tile_supported'))
+
+
 NONFINITE = ('stop', 'skip')
 RUN_ONLY_KEYS = ('resume', 'progress', 'nproc', 'backend')  # how a run is executed, not what it computes: free to change on resume
 
