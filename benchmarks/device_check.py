@@ -20,8 +20,8 @@ the JSON is rewritten after every row, so a run stopped at its time limit keeps 
 3. **autoattack**: the standard version on the first 1,000 CIFAR-10 test points against the `pyautoattack` ResNet-18,
    through `evaluate(..., ['AA'])` and through `pyautoattack` called directly: seconds, accuracies, overhead (≤ 5%).
 4. **methods**: PGD-AT and each `-code` preset's method (and AFA Stage I/II, F²AT, IAT from their `-paper` presets)
-   train two epochs of `--steps` steps on CIFAR-10 with bf16 autocast, channels-last and `compile=True` (CPU: bf16 autocast
-   too, and the `eager` compile backend, which still captures every graph); an error, a non-finite loss or a loss that does not
+   train two epochs of `--steps` steps on CIFAR-10 with bf16 autocast, channels-last and `compile=True` (CPU: the `eager`
+   compile backend, which still captures every graph); an error, a non-finite loss or a loss that does not
    fall (mean of the last quarter of the steps not below the first quarter's) fails the check. The second epoch's
    throughput (compiled graphs cached) is the method's per-image cost.
 5. **estimates** (computed, not measured): each recipe's training time on 1 and 8 GPUs = epochs × 50,000 images × the
