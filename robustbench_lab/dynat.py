@@ -111,7 +111,7 @@ class DYNAT(Method):
         backward(loss)
         return out
 
-    def after_step(self, model):
+    def restore_weights(self, model):
         if self._pert is not None:
             self._pert.remove()
             self._pert = None

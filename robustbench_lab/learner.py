@@ -227,7 +227,8 @@ class TrainingLoop:
         # at a scale of 1 or less the scaling cannot be what overflowed, and the step is refused as any other
         overflow = bad is not None and bad_stat is None and not bad_terms and self.scaler is not None and self.scaler.get_scale() > 1
         if bad_terms or bad:
-            self.method.after_step(self.model)  # remove any weight perturbation: the model stays at its last good weights
+            # the model stays at its last good weights, and the method's own state as it was (SEAT neither averages nor counts)
+            self.method.restore_weights(self.model)
             torch._foreach_copy_(self._buffers, self._saved_buffers)
             if overflow:
                 self.scaler.step(self.opt); self.scaler.update()

@@ -122,8 +122,12 @@ class Method:
         "Fill `.grad` of every trainable parameter for batch `(x, y)`; return scalars to log."
         raise NotImplementedError
 
+    def restore_weights(self, model:nn.Module):
+        "Take off what `compute_grads` put on the weights (a weight perturbation): part of `after_step`, and alone after a refused step."
+
     def after_step(self, model:nn.Module):
         "Called after every optimiser step."
+        self.restore_weights(model)
         if getattr(self, 'clean_forward_after_step', False) and self._x is not None:
             with torch.no_grad(): model.train()(self._x)
 
@@ -187,11 +191,10 @@ class AWP(Method):
         backward(loss)
         return dict(logs, awp=float(self._pert is not None))
 
-    def after_step(self, model):
+    def restore_weights(self, model):
         if self._pert is not None:
             self._pert.remove()
             self._pert = None
-        super().after_step(model)
 
     def __repr__(self): return f'AWP({self.objective!r}, gamma={self.gamma}, warmup={self.warmup_epochs})'
 

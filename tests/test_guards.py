@@ -187,9 +187,17 @@ def test_a_refused_step_leaves_seats_average_as_it_was():
     learn = Learner(create_model('small_cnn', 'digits', width=8), SEAT(PGDAT(eps=0.1, alpha=0.05, steps=1)),
                     Loader(x[:320], y[:320], batch_size=32, shuffle=True), epochs=1, lr=0.05, schedule='constant', nonfinite='skip')
     learn.model.register_forward_pre_hook(lambda m, args: (args[0]*float('nan'),) if learn.step >= 2 else None)
+    after_two = {}
+    class Keep(Callback):
+        def after_batch(self, learn):
+            if learn.step == 2: after_two.update({k: v.clone() for k, v in learn.eval_model().state_dict().items()}, t=learn.method.t)
+    learn.cbs.append(Keep())
     learn.fit()  # NaN inputs from step 2 on: 8 refused steps, whose NaN BatchNorm statistics the average used to take in
     assert learn.history[-1]['skipped_steps'] == 8
     assert all(torch.isfinite(b).all() for b in learn.eval_model().buffers() if b.is_floating_point())
+    # a refused step is not a step of the average either: it neither counts nor pulls the average toward the unchanged weights
+    assert learn.method.t == after_two.pop('t') == 2
+    assert all(torch.equal(v, after_two[k]) for k, v in learn.eval_model().state_dict().items())
 
 
 def test_a_diverging_pipeline_exits_non_zero_and_says_why_in_its_report(tmp_path):
