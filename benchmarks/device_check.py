@@ -23,7 +23,8 @@ the JSON is rewritten after every row, so a run stopped at its time limit keeps 
    train two epochs of `--steps` steps on CIFAR-10 with bf16 autocast, channels-last and `compile=True` (CPU: the `eager`
    compile backend, which still captures every graph); an error, a non-finite loss or a loss that does not
    fall (mean of the last quarter of the steps not below the first quarter's) fails the check. The second epoch's
-   throughput (compiled graphs cached) is the method's per-image cost.
+   median step time (compiled graphs cached; a variant first met there is one slow step, not part of it) is the
+   method's per-image cost.
 5. **estimates** (computed, not measured): each recipe's training time on 1 and 8 GPUs = epochs × 50,000 images × the
    method's per-image cost on `preact_resnet18` × the recipe architecture's PGD-AT cost over `preact_resnet18`'s; the
    8-GPU figure assumes perfect scaling. Per-epoch evaluation and helper/estimator pre-training are not included.
@@ -114,8 +115,8 @@ class Results:
         with atomic_write(self.path, 'w') as f: json.dump(self.out, f, indent=1)
 
 
-def _losses(run_dir):
-    return [json.loads(l)['loss'] for l in (Path(run_dir)/'steps.jsonl').read_text().splitlines() if l]
+def _steps(run_dir):
+    return [json.loads(l) for l in (Path(run_dir)/'steps.jsonl').read_text().splitlines() if l]
 
 
 class RecompileLimitWatch(logging.Handler):
@@ -130,6 +131,12 @@ class RecompileLimitWatch(logging.Handler):
 def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
     return counters['stats']['unique_graphs']
+
+
+def steady_img_per_s(steps, batch):
+    "Training img/s from the median step time of the epochs after the first: a graph first compiled there (the Rice-based recipes attack each later epoch's first batch in eval mode, a variant the first epoch never ran) is one slow step, not part of the figure."
+    later = [s['seconds'] for s in steps if s['epoch'] > 0] or [s['seconds'] for s in steps]
+    return batch/statistics.median(later)
 
 
 def later_epochs_img_per_s(metrics):
@@ -171,7 +178,8 @@ def check_methods(a, runs_dir, device, res):
         try:
             params = {**common, **extra}
             run = train(run_name=name, **params)
-            losses = _losses(runs_dir/name)
+            steps = _steps(runs_dir/name)
+            losses = [s['loss'] for s in steps]
             q = max(1, len(losses)//4)
             first, last = sum(losses[:q])/q, sum(losses[-q:])/q
             finite = all(math.isfinite(v) for v in losses)
@@ -180,7 +188,7 @@ def check_methods(a, runs_dir, device, res):
             why = 'non-finite loss' if not finite else 'dynamo hit its recompile limit (the rest ran eagerly)' if limit_hit else \
                   '' if fell else 'loss did not fall' + (' (not enforced under --tiny)' if a.tiny else '')
             row = dict(method=label, ok=ok, why=why, seconds=time.perf_counter() - t, steps=len(losses), loss_first=first,
-                       loss_last=last, img_per_s_steady=later_epochs_img_per_s(run.metrics), graphs_compiled=compiled_graphs() - graphs,
+                       loss_last=last, img_per_s_steady=steady_img_per_s(steps, params['batch_size']), graphs_compiled=compiled_graphs() - graphs,
                        amp=params['amp'], compile=params['compile'], amp_skipped=sum(m.get('amp_skipped_steps', 0) for m in run.metrics))
         except Exception as e:
             row = dict(method=label, ok=False, why=f'{type(e).__name__}: {e}'[:300], seconds=time.perf_counter() - t,

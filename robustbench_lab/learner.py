@@ -244,7 +244,8 @@ class TrainingLoop:
         if not self.sync_bn: distributed.broadcast_(self._held_buffers)
         if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
         a = self.accum
-        a['seconds_train'] += time.perf_counter() - t0
+        self.step_seconds = time.perf_counter() - t0
+        a['seconds_train'] += self.step_seconds
         a['images'] += info.total; a['batches'] += 1
         for k, v in self.logs.items(): a['logs'][k] = a['logs'].get(k, 0.0) + float(v)
         self.step += 1; self.batch += 1
@@ -478,7 +479,7 @@ class MetricsCB(Callback):
 
 
 class StepLogCB(Callback):
-    "Appends every step's method logs (λ weights, losses, r, ...) to a JSONL file; after a resume, steps past the checkpoint are dropped."
+    "Appends every step's method logs (λ weights, losses, r, ...) and its training seconds to a JSONL file; after a resume, steps past the checkpoint are dropped."
     order = 5
 
     def __init__(self, path:str|Path, every:int=1):
@@ -494,7 +495,7 @@ class StepLogCB(Callback):
 
     def after_batch(self, learn):
         if self.f is None or (learn.step - 1) % self.every: return
-        rec = dict(step=learn.step - 1, epoch=learn.epoch, lr=learn.lr, **{k: float(v) for k, v in learn.logs.items()})
+        rec = dict(step=learn.step - 1, epoch=learn.epoch, lr=learn.lr, seconds=learn.step_seconds, **{k: float(v) for k, v in learn.logs.items()})
         self.f.write(json.dumps(rec) + '\n')
 
     def after_fit(self, learn):
