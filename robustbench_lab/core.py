@@ -22,7 +22,7 @@ import torch
 __all__ = ['SETTINGS_SECTION', 'ENV_VARS', 'DEFAULT_SETTINGS', 'ConfigError', 'check', 'check_list', 'find_settings_file',
            'Settings', 'settings', 'available_devices', 'get_device', 'keep_freed_memory', 'seed_everything',
            'get_rng_state', 'set_rng_state', 'mix_seed', 'RandomScope', 'random_scope', 'random_subset', 'sample_rand',
-           'sample_randn', 'shared_rand', 'shared_generator', 'sample_rows', 'atomic_write']
+           'sample_randn', 'shared_rand', 'shared_generator', 'sample_rows', 'atomic_write', 'first_nonfinite']
 
 # %% ../nbs/00_core.ipynb #5da0b6dd
 class ConfigError(ValueError):
@@ -409,3 +409,13 @@ def atomic_write(path:str|Path, # final file name
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+
+# %% ../nbs/00_core.ipynb #b51d9e3f
+def first_nonfinite(named_tensors, # (name, tensor or None) pairs
+                   ) -> str|None:
+    "Name of the first tensor holding a NaN or an infinity (one fused max-norm over all of them, one sync)."
+    named = [(n, t) for n, t in named_tensors if t is not None]
+    if not named: return None
+    norms = torch._foreach_norm([t.float() for _, t in named], ord=float('inf'))  # max |x|: finite exactly when every value is
+    if bool(torch.isfinite(torch.stack(norms)).all()): return None
+    return next(n for (n, _), v in zip(named, norms) if not torch.isfinite(v))

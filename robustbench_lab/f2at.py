@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .attacks import PGD, attack_mode
-from .core import ConfigError, check, random_scope, shared_generator
+from .core import ConfigError, check, first_nonfinite, random_scope, shared_generator
 from .methods import Method
 from .models import no_bn_update
 
@@ -245,18 +245,24 @@ class F2AT(Method):
         return self.alpha*ramp
 
     def _estimators_step(self, nat, pert, rep):
-        "Online mode: one ascent step of both DV bounds with the representation detached."
-        for e in (self.est_nat, self.est_pert):
+        "Online mode: one ascent step of both DV bounds with the representation detached (none from a non-finite batch)."
+        ests = (self.est_nat, self.est_pert)
+        params, stats = [p for e in ests for p in e.parameters()], [b for e in ests for b in e.buffers() if b.is_floating_point()]
+        saved = [b.clone() for b in stats]
+        for e in ests:
             e.train()
             for p in e.parameters(): p.requires_grad_(True)
         self.est_opt.zero_grad()
         distributed.scale_loss(-(self.est_nat(nat, rep.detach()).mean() + self.est_pert(pert, rep.detach()).mean())).backward()
         # in a process group every process takes the same step (the gradients of the processes' bounds, summed) and keeps
         # rank 0's BatchNorm statistics (each process's own rows updated them)
-        distributed.reduce_grads_([p for e in (self.est_nat, self.est_pert) for p in e.parameters()])
-        self.est_opt.step()
-        distributed.broadcast_([b for e in (self.est_nat, self.est_pert) for b in e.buffers()])
-        self._set_estimators(self.est_nat, self.est_pert)
+        distributed.reduce_grads_(params)
+        distributed.broadcast_([b for e in ests for b in e.buffers()])
+        # a non-finite batch (a step the learner refuses) would leave NaN in the estimators and Adam's moments for good, and
+        # with nonfinite='skip' every later step would be refused through them: the estimators keep their state instead
+        if first_nonfinite([('', t) for t in [p.grad for p in params] + stats]) is None: self.est_opt.step()
+        else: torch._foreach_copy_(stats, saved)
+        self._set_estimators(*ests)
 
     def compute_grads(self, model, x, y, backward):
         x_adv = self.objective.perturb(model, x, y, bn_mode=self.bn_mode)

@@ -18,16 +18,16 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import (ConfigError, atomic_write, check, check_list, get_device, get_rng_state, keep_freed_memory,
-                                  random_scope, set_rng_state)
+from .core import (ConfigError, atomic_write, check, check_list, first_nonfinite, get_device, get_rng_state,
+                                  keep_freed_memory, random_scope, set_rng_state)
 from .data import Loader
 from .methods import Method
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'AMP_DEVICES', 'NONFINITE', 'RUN_ONLY_KEYS', 'RECOMPILE_LIMIT', 'Schedule',
            'CancelFitException', 'Callback', 'save_checkpoint', 'load_checkpoint', 'check_amp', 'TrainingDiverged',
-           'nonfinite_terms', 'first_nonfinite', 'epoch_accumulators', 'TrainingLoop', 'Learner', 'EvalCB',
-           'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
+           'nonfinite_terms', 'epoch_accumulators', 'TrainingLoop', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB',
+           'StepLogCB', 'CheckpointCB', 'ProgressCB']
 
 # %% ../nbs/07_learner.ipynb #9e7ce642
 SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cosine_epoch', 'cyclic', 'linear', 'linear_epoch', 'onecycle', 'constant')
@@ -166,15 +166,6 @@ class TrainingDiverged(RuntimeError):
 def nonfinite_terms(logs:dict) -> list[str]:
     "The logged loss terms of a step that are NaN or infinite."
     return [k for k, v in logs.items() if isinstance(v, (int, float)) and not math.isfinite(v)]
-
-
-def first_nonfinite(named_tensors) -> str|None:
-    "Name of the first tensor holding a NaN or an infinity (one fused max-norm over all of them, one sync)."
-    named = [(n, t) for n, t in named_tensors if t is not None]
-    if not named: return None
-    norms = torch._foreach_norm([t.float() for _, t in named], ord=float('inf'))  # max |x|: finite exactly when every value is
-    if bool(torch.isfinite(torch.stack(norms)).all()): return None
-    return next(n for (n, _), v in zip(named, norms) if not torch.isfinite(v))
 
 
 # dynamo compiles one graph per variant of the forward a method calls (train/eval BN, grad mode, input and parameter

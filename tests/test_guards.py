@@ -326,3 +326,23 @@ def test_f2at_target_mode_is_probed_once_its_estimators_exist(tmp_path):
                 runs_dir=str(tmp_path), progress=False)
     assert 'probe_i_nat' not in run.metrics[0] and 'probe_i_nat' in run.metrics[1]
     assert run.report.metrics['probe_i_nat'] == run.metrics[1]['probe_i_nat']
+
+
+def test_one_refused_step_leaves_f2ats_online_estimators_finite():
+    from robustbench_lab.data import Loader, load_arrays
+    from robustbench_lab.f2at import F2AT, MIEstimator
+    from robustbench_lab.models import create_model
+    x, y = load_arrays('digits', 'train')
+    torch.manual_seed(0)
+    net = create_model('small_cnn', 'digits', width=8)
+    method = F2AT(MIEstimator(1, net.feature_dim, 16), MIEstimator(1, net.feature_dim, 16), mode='online', alpha=0.5,
+                  eps=0.1, alpha_attack=0.05, steps=1)
+    learn = Learner(net, method, Loader(x[:320], y[:320], batch_size=32, shuffle=True), epochs=1, lr=0.05, schedule='constant',
+                    nonfinite='skip')
+    # NaN activations at step 2 only, in every forward (F²AT's representation calls forward_features, past the model's hooks)
+    net.conv1.register_forward_hook(lambda m, args, out: out*float('nan') if learn.step == 2 else None)
+    learn.fit()  # the estimators took no step from that batch, so the steps after it are taken
+    assert learn.history[-1]['skipped_steps'] == 1
+    ests = [method.est_nat, method.est_pert]
+    assert all(torch.isfinite(t).all() for e in ests for t in [*e.parameters(), *e.buffers()] if t.is_floating_point())
+    assert all(torch.isfinite(v).all() for s in method.est_opt.state.values() for v in s.values() if torch.is_tensor(v))
