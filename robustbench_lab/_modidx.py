@@ -248,6 +248,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'robustbench_lab/distributed.py'),
                                              'robustbench_lab.distributed._Tail.run': ( 'distributed.html#_tail.run',
                                                                                         'robustbench_lab/distributed.py'),
+                                             'robustbench_lab.distributed._local_gpu': ( 'distributed.html#_local_gpu',
+                                                                                         'robustbench_lab/distributed.py'),
                                              'robustbench_lab.distributed._patient_group': ( 'distributed.html#_patient_group',
                                                                                              'robustbench_lab/distributed.py'),
                                              'robustbench_lab.distributed._worker_log': ( 'distributed.html#_worker_log',

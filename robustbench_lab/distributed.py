@@ -73,6 +73,14 @@ def default_backend(device:torch.device) -> str:
     return 'nccl' if torch.device(device).type == 'cuda' else 'gloo'
 
 
+def _local_gpu() -> int:
+    "This process's GPU (LOCAL_RANK), one of those present."
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    if local >= torch.cuda.device_count():
+        raise ConfigError(f'LOCAL_RANK = {local}: only {torch.cuda.device_count()} CUDA device(s) here; start at most one process per GPU')
+    return local
+
+
 def join_group(backend:str|None=None, # 'gloo' or 'nccl'; None: nccl when CUDA is available, else gloo
                timeout_s:float=600, # how long a collective may wait for the other processes
               ) -> tuple[int, int]:
@@ -83,10 +91,7 @@ def join_group(backend:str|None=None, # 'gloo' or 'nccl'; None: nccl when CUDA i
     # this process's GPU is the current device, also in a group a script made (nccl's collectives use it); a group made without
     # a backend ('undefined') or for both kinds ('cpu:gloo,cuda:nccl') reaches nccl too
     if backend != 'gloo' and torch.cuda.is_available():
-        local = int(os.environ.get('LOCAL_RANK', 0))
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f'LOCAL_RANK = {local}: only {torch.cuda.device_count()} CUDA device(s) here; start at most one process per GPU')
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(_local_gpu())
     if not dist.is_initialized(): dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     if dist.get_world_size() > 1: _patient_group()  # made now, while the processes are level (see `gather_objects`)
     return dist.get_rank(), dist.get_world_size()
@@ -102,10 +107,12 @@ def leave_group():
 
 
 def local_device(device:str|torch.device) -> torch.device:
-    "The device this process uses: on CUDA one GPU per local rank, otherwise `device` itself."
+    "The device this process uses: on CUDA one GPU per local rank (made the current GPU), otherwise `device` itself."
     device = torch.device(device)
-    if device.type == 'cuda' and launched(): return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    return device
+    if device.type != 'cuda' or not launched(): return device
+    local = torch.device('cuda', _local_gpu())
+    torch.cuda.set_device(local)  # join_group does so for nccl only: under gloo every process's defaults went to GPU 0
+    return local
 
 # %% ../nbs/09_distributed.ipynb #9bb524b9
 _SHARE: contextvars.ContextVar = contextvars.ContextVar('robustbench_lab_batch_share', default=(1, 1))

@@ -224,3 +224,15 @@ def test_papermill_with_two_processes_leaves_one_run_folder(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     folders = list(runs.iterdir())
     assert len(folders) == 1 and (folders[0]/'report.json').exists() and json.loads((folders[0]/'config.json').read_text())['nproc'] == 2
+
+
+def test_a_launched_process_on_cuda_makes_its_own_gpu_current_whatever_the_backend(monkeypatch):
+    from unittest.mock import patch
+    local_device = distributed.local_device
+    monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2'); monkeypatch.setenv('LOCAL_RANK', '1')
+    made_current = []
+    with patch('torch.cuda.device_count', return_value=2), patch('torch.cuda.set_device', made_current.append):
+        assert local_device('cuda') == torch.device('cuda', 1) and made_current == [torch.device('cuda', 1)]
+        assert local_device('cpu') == torch.device('cpu') and len(made_current) == 1
+    with patch('torch.cuda.device_count', return_value=1), pytest.raises(ConfigError, match='LOCAL_RANK = 1: only 1 CUDA device'):
+        local_device('cuda')
