@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn as nn
@@ -132,7 +131,6 @@ class HFAT(Method):
         with torch.no_grad(): return model(x)  # train mode, as the code: one more BN update with the clean batch
 
     def compute_grads(self, model, x, y, backward):
-        t0 = time.perf_counter()
         if self.proxy is None: self.setup(model)
         obj, params = self.objective, list(unwrap(model).parameters())
         # 1-2. standard-branch example and hider candidates (one r per batch, the same in every process)
@@ -170,8 +168,7 @@ class HFAT(Method):
         mix_grads_(params, take_grads(params), g_a, w_s, w_a)
         w_s, w_a = float(w_s), float(w_a)
         return dict(loss=w_s*loss_s.item() + w_a*loss_a.item(), std_loss=loss_s.item(), aux_loss=loss_a.item(),
-                    w_s=w_s, w_a=w_a, r=r, kl_s=kl_s.sum().item(), kl_a=kl_a.sum().item(), hider_frac=float(frac[0]),
-                    step_seconds=time.perf_counter() - t0)
+                    w_s=w_s, w_a=w_a, r=r, kl_s=kl_s.sum().item(), kl_a=kl_a.sum().item(), hider_frac=float(frac[0]))
 
     def __repr__(self):
         return (f'HFAT({self.objective!r}, eps_s={self.eps_s:.4g}, alpha_s={self.alpha_s:.4g}, steps_s={self.steps_s}, '
