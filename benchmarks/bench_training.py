@@ -46,7 +46,7 @@ from robustbench_lab.learner import Callback, CancelFitException, Learner
 from robustbench_lab.methods import Standard
 from robustbench_lab.models import create_model
 from robustbench_lab.objectives import PGDAT
-from robustbench_lab.train import DEFAULTS
+from robustbench_lab.runs import RUN_SETTINGS
 
 EPS, ALPHA, STEPS = 8/255, 2/255, 10
 
@@ -192,7 +192,7 @@ def fresh(arch, channels_last):
 
 def learner_defaults():
     "The learner settings `train()` uses by default on CPU."
-    return dict(channels_last=DEFAULTS['channels_last'], compile=DEFAULTS['compile'])
+    return dict(channels_last=RUN_SETTINGS['channels_last'], compile=RUN_SETTINGS['compile'])
 
 
 def allocator_rows(arch, n_batches, pairs):

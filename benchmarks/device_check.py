@@ -59,6 +59,7 @@ from robustbench_lab.learner import Callback, CancelFitException, Learner
 from robustbench_lab.methods import Standard
 from robustbench_lab.models import create_model, reference_resnet18
 from robustbench_lab.objectives import PGDAT
+from robustbench_lab.runs import preset_values
 from robustbench_lab.train import PRESETS, Run, resolve_config, train, worker_train
 
 EPS, ALPHA, STEPS = 8/255, 2/255, 10
@@ -422,7 +423,8 @@ def estimate_recipes(a, out) -> list:
     rows = []
     for preset in METHOD_PRESETS:
         p = PRESETS[preset]
-        stages = [('afa-paper stage 1', p['epochs']), ('afa-paper stage 2', p['afa_stage2']['epochs'])] if preset == 'afa-paper' \
+        stage2 = preset_values(dict(preset=preset, method='afa', afa_stage=2))
+        stages = [('afa-paper stage 1', p['epochs']), ('afa-paper stage 2', stage2['epochs'])] if preset == 'afa-paper' \
                  else [(preset, p['epochs'])]
         arch = a.arch_of(p['arch'])
         for label, epochs in stages:

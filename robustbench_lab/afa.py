@@ -16,13 +16,15 @@ import torch.nn.functional as F
 from .attacks import Attack, IterativeAttack, PGD, attack_mode
 from . import distributed
 from .core import ConfigError, check, check_list, random_subset, sample_rand, sample_rows, shared_generator
-from .methods import Method, unwrap
+from .methods import Method, register_method, unwrap
 from .models import MultiBN, bn_branch, multibn_layers, set_bn_route
-from .objectives import IAT, Objective, PGDAT, mixup_ce
+from .objectives import CIFAR10, IAT, Objective, PGDAT, mixup_ce, register_preset
+from typing import Literal
 
 # %% auto #0
 __all__ = ['DEFAULT_XI', 'ADA_RATIOS', 'OAT_LAMBDAS', 'default_xi', 'check_xi', 'BranchView', 'oat_step', 'AFA',
-           'WeightGenerator', 'FusedBN', 'AFAModel', 'AFAStage2', 'PGDAda', 'FiLMBN', 'OATModel', 'oat_model', 'OAT']
+           'WeightGenerator', 'FusedBN', 'AFAModel', 'AFAStage2', 'PGDAda', 'FiLMBN', 'OATModel', 'oat_model',
+           'oat_network', 'OAT']
 
 # %% ../nbs/12_afa.ipynb #625fcbae
 DEFAULT_XI = {2: [0, 8], 3: [0, 4, 8], 5: [0, 1, 2, 4, 8], 9: [0, 1, 2, 3, 4, 5, 6, 7, 8]}
@@ -62,17 +64,19 @@ def oat_step(xi:float, steps:int=7) -> float:
 # %% ../nbs/12_afa.ipynb #7a0fc123
 class AFA(Method):
     "AFA Stage I: the base objective's adversarial loss on each BN branch k at strength ξ_k, plus clean CE on branch 0."
-    name = 'afa'
     bn_mode = 'eval'
+    requires = frozenset({'branch_loss', 'budget_attack'})
+    flat_names = dict(from_run='afa_from', eps='eps', alpha='alpha', steps='steps')
 
     def __init__(self, objective:Objective, # base objective (PGDAT, TRADES, MART, IAT, ...)
                  K:int=5, # number of BN branches (≥ 2)
-                 xi:list|None=None, # branch strengths (default: `default_xi(K)`)
+                 xi:list[float]|None=None, # branch strengths, from 0 (default: `default_xi(K, eps)`)
                  attack_steps:int=7, # iterations of each branch's attack (OAT)
+                 eps:float=8/255, # the largest strength of the default strengths
                 ):
         super().__init__(objective)
         self.K = check('K', K, int, lo=2)
-        self.xi = check_xi(xi if xi is not None else default_xi(K), K)
+        self.xi = check_xi(xi if xi is not None else default_xi(K, eps), K)
         self.attack_steps = check('attack_steps', attack_steps, int, lo=1)
         self.attacks = [self._branch_attack(e) for e in self.xi]
 
@@ -114,6 +118,37 @@ class AFA(Method):
         return BranchView(model, self.K - 1)
 
     def __repr__(self): return f'AFA({self.objective!r}, K={self.K}, xi={[round(v*255, 3) for v in self.xi]}/255)'
+
+    @classmethod
+    def build(cls, ctx, objective, *,
+              stage:Literal[1, 2]=1, # 1: the K-branch backbone; 2: the weight generator on a frozen Stage I backbone
+              from_run:str|None=None, # Stage II: the Stage I run (a name or folder)
+              **params):
+        "Stage I (`AFA`) or Stage II (`AFAStage2`) of a run; every setting of both is checked either way."
+        c, s1 = ctx.cfg, {k: params.pop(k) for k in ('K', 'xi', 'attack_steps') if k in params}
+        s2 = {k: params.pop(k) for k in ('clean_prob', 'samples', 'steps', 'alpha') if k in params}
+        stage1, stage2 = (lambda: cls(objective, eps=params['eps'], **s1)), (lambda: AFAStage2(eps=params['eps'], **s2))
+        if ctx.dry: stage1(), stage2()  # one run's bad setting of the other stage is refused too
+        if stage == 1: return stage1()
+        if not ctx.checks: return stage2()
+        if from_run is None: raise ConfigError("afa_from = None: AFA Stage II needs the Stage I run (afa_from='<run name or folder>')")
+        try: run = ctx.load_run(from_run)
+        except FileNotFoundError: raise ConfigError(f'afa_from = {from_run!r}: no Stage I run folder') from None
+        rc = run.config
+        if rc.get('method') != c['method'] or rc.get('afa_stage') != 1 or rc.get('afa_K') != s1['K']:
+            raise ConfigError(f"afa_from = {from_run!r}: expected a Stage I AFA run with afa_K = {s1['K']}")
+        if rc['arch'] != c['arch'] or rc['dataset'] != c['dataset']:
+            raise ConfigError(f"afa_from = {from_run!r}: Stage I used arch {rc['arch']!r} on {rc['dataset']!r}")
+        return stage2()
+
+    @classmethod
+    def network(cls, ctx):
+        "Stage I: the backbone with K-branch BNs; Stage II: the fused `AFAModel` (for training, on the Stage I run's last weights)."
+        c = ctx.cfg
+        backbone = ctx.create_model(norm_layer=partial(MultiBN, K=c['afa_K']))
+        if c['afa_stage'] == 1: return backbone
+        if ctx.training: backbone.load_state_dict(ctx.load_run(c['afa_from']).checkpoint('last')['model'])
+        return AFAModel(backbone, c['afa_placement'], c['afa_wg_width'])
 
 # %% ../nbs/12_afa.ipynb #91ee4145
 class WeightGenerator(nn.Module):
@@ -161,8 +196,9 @@ def _replace(model, old, new):
 class AFAModel(nn.Module):
     "The deployable AFA classifier: the frozen dual-BN backbone whose BNs are fused per input by weight generators."
     def __init__(self, backbone:nn.Module, # a Stage I model (K-branch MultiBN) or an already fused 2-branch one
-                 placement:str='stem', # 'stem' (Reading A: one WG after the stem) or 'per_layer' (Reading B)
-                 wg_width:int=64):
+                 placement:Literal['stem', 'per_layer']='stem', # 'stem' (Reading A: one WG after the stem) or 'per_layer' (Reading B)
+                 wg_width:int=64, # channels of the weight generator's convolutions
+                ):
         super().__init__()
         self.placement = check('placement', placement, str, choices=['stem', 'per_layer'])
         self.backbone = backbone
@@ -240,7 +276,7 @@ class AFAStage2(Method):
     def __init__(self, eps:float=8/255, # maximum strength
                  clean_prob:float=0.2, # share of samples forced to strength 0
                  steps:int=10, alpha:float|None=None, # the PGD crafting the samples (step eps/4 at full strength)
-                 samples:str='fused', # PGD against: 'fused' (the full model, WG included) | 'strong_branch' (BN_{K−1} alone, blind to the WG)
+                 samples:Literal['fused', 'strong_branch']='fused', # PGD against: 'fused' (the full model, WG included) | 'strong_branch' (BN_{K−1} alone, blind to the WG)
                 ):
         self.eps = check('eps', eps, float, lo=0, hi=1)
         self.clean_prob = check('clean_prob', clean_prob, float, lo=0, hi=1)
@@ -265,6 +301,19 @@ class AFAStage2(Method):
         return dict(loss=loss.item(), w0_mean=model.w0().mean().item(), eps_mean=eps_i.mean().item()*255)
 
     def __repr__(self): return f'AFAStage2(eps={self.eps:.4g}, clean_prob={self.clean_prob}, samples={self.samples!r}, attack={self.attack!r})'
+
+# %% ../nbs/12_afa.ipynb #f54dd10b
+AFA.parts = (AFAStage2, AFAModel)
+register_method('afa')(AFA)
+
+register_preset('afa-paper', dict(CIFAR10, method='afa', arch='wrn-28-10', objective='pgdat', afa_K=5, epochs=100, lr=0.1, weight_decay=5e-4,
+                                  schedule='multistep', milestones=[0.75, 0.9], eps=8/255),
+                "Stage I: WRN-28-10, K = 5, 100 epochs, lr 0.1 ÷10 at 75/90 (the paper's \"0.9\" read as 0.1); Stage II: 20 epochs, "
+                "lr 0.01 ÷10 at epoch 10",
+                variants=[(dict(method='afa', afa_stage=2), dict(epochs=20, lr=0.01, schedule='multistep', milestones=[0.5], lr_factors=[0.1]))])
+register_preset('afa-protocol', dict(CIFAR10, arch='wrn-28-10', epochs=100, lr=0.1, weight_decay=5e-4, schedule='multistep', milestones=[0.75, 0.9],
+                                     eps=8/255),
+                "AFA's baselines (the method is yours): WRN-28-10, 100 epochs, ÷10 at 75/90, wd 5e-4");
 
 # %% ../nbs/12_afa.ipynb #57404911
 ADA_RATIOS = ((10, 1), (5, 1), (2, 1), (1, 1), (1, 2), (1, 5), (1, 10))
@@ -354,19 +403,32 @@ class OATModel(nn.Module):
 def oat_model(arch:str, dataset:str, normalize:bool=True, **kw) -> OATModel:
     "An OAT network: `arch` with every BN replaced by a dual BN, followed by FiLM except on residual shortcuts (as the OAT code)."
     from robustbench_lab.models import create_model
-    net = create_model(arch, dataset, normalize=normalize, norm_layer=FiLMBN, **kw)
+    return oat_network(create_model(arch, dataset, normalize=normalize, norm_layer=FiLMBN, **kw))
+
+
+def oat_network(net:nn.Module) -> OATModel:
+    "The OAT network of a model built with `norm_layer=FiLMBN`: no FiLM after a residual shortcut's BN, λ-conditioned."
     for name, m in net.named_modules():
         if isinstance(m, FiLMBN) and '.shortcut.' in f'.{name}.': m.film = None  # the code's bn_sc is a DualBN without FiLM
     return OATModel(net)
 
 # %% ../nbs/12_afa.ipynb #968fbde3
+@register_method('oat')
 class OAT(Method):
     "Once-for-all AT: λ-weighted clean/adversarial CE with λ-conditioned dual BN and FiLM."
-    name = 'oat'
     bn_mode = 'eval'
+    takes_objective, stands_for = False, 'pgdat'  # its own λ-weighted loss on PGD examples
+    flat_names = dict(eps='eps', steps='steps')
+    internal = ('lambdas',)  # the network's encoding is built for OAT_LAMBDAS
 
-    def __init__(self, eps:float=8/255, steps:int=7, lambdas=OAT_LAMBDAS, eval_lambda:float=1.0):
-        self.eps, self.lambdas, self.eval_lambda = check('eps', eps, float, lo=0, hi=1), tuple(lambdas), eval_lambda
+    @classmethod
+    def network(cls, ctx): return oat_network(ctx.create_model(norm_layer=FiLMBN))
+
+    def __init__(self, eps:float=8/255, steps:int=7, lambdas=OAT_LAMBDAS,
+                 eval_lambda:float=1.0, # the λ the result is evaluated (and deployed) at
+                ):
+        self.eps, self.lambdas = check('eps', eps, float, lo=0, hi=1), tuple(lambdas)
+        self.eval_lambda = check('eval_lambda', eval_lambda, float, choices=OAT_LAMBDAS)
         self.attack = PGD(eps=eps, alpha=oat_step(eps, steps), steps=steps)
         self.epoch, self.epochs = 0, 1
 
@@ -411,3 +473,8 @@ class OAT(Method):
         return model
 
     def __repr__(self): return f'OAT(eps={self.eps:.4g}, lambdas={self.lambdas}, eval_lambda={self.eval_lambda}, attack={self.attack!r})'
+
+# %% ../nbs/12_afa.ipynb #54d14a54
+register_preset('oat-code', dict(CIFAR10, method='oat', arch='resnet34', epochs=200, lr=0.1, weight_decay=5e-4, schedule='cosine_epoch',
+                                 eps=8/255, steps=7),
+                '`OAT.py`: ResNet-34, 200 epochs, cosine lr 0.1 stepped per epoch, wd 5e-4, PGD-7');

@@ -36,8 +36,8 @@ warnings.filterwarnings('ignore', message='torch.distributed.nn.functional.all_r
 __all__ = ['BACKENDS', 'PATIENT_TIMEOUT_S', 'active', 'rank', 'world_size', 'is_main', 'launched', 'default_backend',
            'join_group', 'leave_group', 'local_device', 'batch_share', 'share', 'global_rows', 'scale_loss',
            'all_reduce_sum_', 'sum_scalar', 'reduce_grads_', 'average_logs', 'broadcast_', 'broadcast_state_',
-           'gather_objects', 'barrier', 'map_batches', 'DistBatchNorm2d', 'sync_batchnorm', 'has_batchnorm',
-           'WorkerFailed', 'free_port', 'launch', 'probe']
+           'gather_objects', 'barrier', 'check_shared', 'map_batches', 'DistBatchNorm2d', 'sync_batchnorm',
+           'has_batchnorm', 'WorkerFailed', 'free_port', 'launch', 'probe']
 
 # %% ../nbs/09_distributed.ipynb #ebe85ce0
 BACKENDS = ('gloo', 'nccl')
@@ -222,6 +222,20 @@ def gather_objects(obj) -> list:
 def barrier():
     "Wait up to a day for every process (no-op outside a group)."
     if active(): dist.barrier(group=_patient_group())
+
+
+def check_shared(path:Path, # a file rank 0 sees
+                 wait_s:float=30, # how long a process waits for a network filesystem to show it
+                ):
+    "Every process sees `path`: the run folder is on a filesystem all nodes share (resume, reports and estimators read it back)."
+    if world_size() == 1: return
+    deadline = time.monotonic() + wait_s  # a network filesystem may show another node's new file a little later
+    while not (seen := Path(path).exists()) and time.monotonic() < deadline: time.sleep(1)
+    seen = gather_objects(seen)
+    blind = [r for r, s in enumerate(seen) if not s]
+    if blind and seen[0]:  # (where rank 0 lacks it too, reading it fails with an error of its own)
+        raise ConfigError(f"runs_dir: process(es) {blind} do not see {path}, which rank 0 sees (waited {wait_s:g} s); put runs_dir "
+                          'on a filesystem every node shares (checkpoints, estimators and reports are read back from it)')
 
 
 def map_batches(fn:Callable, # slice -> result (tensors are gathered on the CPU)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from .attacks import PGD, TradesKL
 from .core import ConfigError, check
-from .methods import Method, WeightPerturbation, relative_direction
-from .models import repeat_bn_updates
-from .objectives import GAIRAT, MAIL, PGDAT, Objective, batch_kl
+from typing import Literal
+from .methods import Method, WeightPerturbation, register_method, relative_direction
+from .models import check_arch, repeat_bn_updates
+from .objectives import CIFAR10, GAIRAT, MAIL, PGDAT, TRADES_CODE_BASE, Objective, batch_kl, register_preset
 
 # %% auto #0
 __all__ = ['INNERS', 'VARIANTS', 'RECIPES', 'dynamic_labels', 'DYNAT', 'dynat_objective', 'dynat_recipe', 'dynat_variant']
@@ -37,34 +38,63 @@ def dynamic_labels(guide:nn.Module, # the guide model
 INNERS = ('trades', 'dynamic', 'label')
 
 # %% ../nbs/11_dynat.ipynb #fc138340
+@register_method('dynat')
 class DYNAT(Method):
     "Dynamic-label AT: a jointly trained guide labels the clean inputs; the target is adversarially trained on those labels."
-    name = 'dynat'
     bn_mode = 'eval'  # the target is attacked in eval mode, as in the code
+    requires = frozenset({'label_loss', 'label_attack'})
+    extra_models = ('guide',)
+    flat_names = dict(lam='dynat_lambda', beta='beta', awp_gamma='awp_gamma', awp_warmup='awp_warmup', guide_arch='guide_arch',
+                      eps='eps', alpha='alpha', steps='steps', clip_start='clip_start')
 
-    def __init__(self, guide:nn.Module, # the guide model, trained jointly with the same optimiser
-                 objective:Objective|None=None, # the target's loss on dynamic labels: PGDAT (default), GAIRAT or MAIL
-                 inner:str='dynamic', # 'dynamic' (CE vs ŷ: dynat.py), 'trades' (KL: AWP_dynat.py, LBGAT) or 'label' (vs y)
+    @classmethod
+    def recipe(cls, cfg, own):
+        "The code's attack step 0.007 at ε 0.031 (scaled to the run's ε); with `code_forwards`, its guide forwards per step."
+        out = dict(alpha=0.007*cfg['eps']/0.031)
+        # dynat.py forwards the guide once per attack step (for ŷ) and once for the loss; AWP_dynat.py twice in the loss
+        if cfg.get('code_forwards'): out['guide_bn_updates'] = (cfg['steps'] or 10) + 1 if own['inner'] == 'dynamic' else 2
+        return out
+
+    @classmethod
+    def objective_recipe(cls, cfg, own, objective):
+        "The DYNAT code's target attack (CE from the TRADES start, its step) and the paper's label smoothing of the GAIRAT hybrids."
+        return dict(alpha=0.007*cfg['eps']/0.031, init='normal', clip_start=cfg['clip_start'], label_smoothing=own['label_smoothing'])
+
+    @classmethod
+    def build(cls, ctx, objective, *,
+              guide_arch:str|None=None, # the guide's architecture (None: the run's `arch`; the code's is resnet18_s1)
+              label_smoothing:float=0.2, # label smoothing of the target's CE where its objective takes one (the GAIRAT hybrids)
+              **params):
+        "DYNAT with a freshly initialised guide."
+        if guide_arch is not None: check_arch(guide_arch, 'guide_arch')
+        check('label_smoothing', label_smoothing, float, lo=0, hi=1, hi_open=True)
+        guide = ctx.parts.get('guide')
+        if guide is None and not ctx.dry: guide = ctx.create_model(guide_arch)
+        return cls(guide, objective, **params)
+
+    def __init__(self, guide:nn.Module|None, # the guide model, trained jointly with the same optimiser
+                 objective:Objective|None=None, # the target's loss on dynamic labels: PGDAT (default), GAIRAT, MAIL-AT (see `requires`)
+                 inner:Literal['trades', 'dynamic', 'label']='dynamic', # 'dynamic' (CE vs ŷ: dynat.py), 'trades' (KL: AWP_dynat.py, LBGAT) or 'label' (vs y)
                  lam:float=1.0, # weight λ of the target's dynamic-label loss (0.2: the code's CIFAR-100 AWP variants)
                  beta:float=0.0, # TRADES KL term on the target ("β = 0" / "β = 1" of Tables 1–2)
-                 awp_gamma:float|None=None, # AWP on the target (code: 0.005); None: no AWP
+                 awp:bool=False, # AWP on the target (AWP_dynat.py); also on whenever awp_gamma is given
+                 awp_gamma:float|None=None, # AWP's strength (None: the code's 0.005)
                  awp_warmup:int|None=None, # epochs before AWP starts; None: 9 of 100 (the code's `epoch >= 10`, epochs from 1)
                  awp_beta:float=6.0, # β of AWP's TRADES proxy loss (on ground truth, as in the code)
-                 guide_train_mode:bool=True, # compute ŷ with the guide in train mode (code) or eval mode
+                 guide_mode:Literal['train', 'eval']='train', # compute ŷ with the guide in train mode (code) or eval mode
                  guide_bn_updates:int=1, # train-mode guide forwards of the batch the code makes per step (dynat.py: steps + 1; AWP_dynat.py: 2)
                  eps:float=0.031, alpha:float=0.007, steps:int=10, # the training attack (code: 0.031, 0.007, 10; paper: step 2/255)
                  clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
                 ):
         objective = objective or PGDAT(attack=PGD(eps=eps, alpha=alpha, steps=steps, init='normal', clip_start=clip_start))
-        super().__init__(objective)
-        if not isinstance(objective, (PGDAT, GAIRAT, MAIL)) or (isinstance(objective, MAIL) and objective.form != 'at'):
-            raise ConfigError(f'objective = {objective!r}: DYNAT trains the target with a label loss: PGDAT, GAIRAT or MAIL-AT')
+        super().__init__(objective)  # refuses an objective without the capabilities DYNAT requires
         self.guide = guide
         self.inner = check('inner', inner, str, choices=INNERS)
         self.lam, self.beta = check('lam', lam, float, lo=0), check('beta', beta, float, lo=0)
-        self.awp_gamma = check('awp_gamma', awp_gamma, float, lo=0, allow_none=True)
+        check('awp_gamma', awp_gamma, float, lo=0, allow_none=True)
+        self.awp_gamma = (0.005 if awp_gamma is None else awp_gamma) if check('awp', awp, bool) or awp_gamma is not None else None
         self.awp_warmup, self.awp_beta = check('awp_warmup', awp_warmup, int, lo=0, allow_none=True), check('awp_beta', awp_beta, float, lo=0)
-        self.guide_train_mode = check('guide_train_mode', guide_train_mode, bool)
+        self.guide_train_mode = check('guide_mode', guide_mode, str, choices=['train', 'eval']) == 'train'
         self.guide_bn_updates = check('guide_bn_updates', guide_bn_updates, int, lo=1)
         self.kl_attack = TradesKL(eps=eps, alpha=alpha, steps=steps, clip_start=clip_start)
         self.proxy, self._pert = None, None
@@ -166,3 +196,17 @@ def dynat_variant(name:str, # a key of VARIANTS
     obj = dynat_objective(v['objective'], eps, r['alpha'], steps, r['clip_start'], **kw)
     return DYNAT(guide, obj, inner=inner, lam=1.0 if lam is None else lam, beta=v.get('beta', 0.0) if beta is None else beta,
                  awp_gamma=awp_gamma if v.get('awp') else None, eps=eps, steps=steps, **r)
+
+
+register_preset('dynat-code', dict(CIFAR10, **TRADES_CODE_BASE, code_forwards=True, method='dynat', objective='pgdat', arch='wrn-34-10',
+                                   guide_arch='resnet18_s1', dynat_inner='dynamic', epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat',
+                                   eps=0.031, alpha=0.007, steps=10, seed=2022),
+                "the released `dynat.py` + `train_dynat_cifar100.py` (CIFAR-10 lines): WRN-34-10 target, `resnet18_s1` guide, raw "
+                "pixels, CE inner against the guide's labels from an unclipped start (step 0.007), the guide's repeated train-mode "
+                "forwards, LBGAT schedule, wd 2e-4")
+register_preset('dynat-paper', dict(CIFAR10, method='dynat', objective='pgdat', arch='wrn-34-10', guide_arch='resnet18', dynat_inner='trades',
+                                    epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=2/255, steps=10, seed=2022),
+                'the paper: TRADES-KL inner ("we follow LBGAT"), step 2/255, ResNet-18 guide')
+register_preset('dynat-protocol', dict(CIFAR10, arch='wrn-34-10', epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007,
+                                       steps=10),
+                "DYNAT's Tables 1–2 (the method is yours): WRN-34-10, 100 epochs, LBGAT schedule, wd 2e-4, ε 0.031, step 0.007");

@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -17,13 +18,14 @@ import torch.nn.functional as F
 from . import distributed
 from .attacks import PGD, attack_mode
 from .core import ConfigError, check, first_nonfinite, random_scope, shared_generator
-from .methods import Method
+from .methods import Method, register_method
 from .models import no_bn_update
+from .objectives import CIFAR10, register_preset
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'MODES', 'quantize', 'bitplanes', 'split_patterns', 'ResidualHead', 'LocalNet', 'GlobalNet',
-           'MIEstimator', 'hard_margin_loss', 'soft_margin_loss', 'pattern_dependent_loss', 'representation',
-           'pretrain_estimators', 'F2AT', 'save_estimators', 'load_estimators']
+__all__ = ['ABLATIONS', 'MODES', 'F2AT_LOGITS_UNSTABLE', 'quantize', 'bitplanes', 'split_patterns', 'ResidualHead', 'LocalNet',
+           'GlobalNet', 'MIEstimator', 'hard_margin_loss', 'soft_margin_loss', 'pattern_dependent_loss',
+           'representation', 'pretrain_estimators', 'F2AT', 'save_estimators', 'load_estimators', 'run_estimators']
 
 # %% ../nbs/13_f2at.ipynb #9074d710
 def quantize(x:torch.Tensor) -> torch.Tensor:
@@ -179,21 +181,63 @@ ABLATIONS = (None, 'no_patterns', 'no_margin', 'no_pd')
 MODES = ('frozen', 'online', 'target')
 
 # %% ../nbs/13_f2at.ipynb #b0fc24e8
+@register_method('f2at')
 class F2AT(Method):
     "Feature-focusing AT: CE on PGD examples + α·L_pd (MI contrast of natural vs perturbed patterns) + γ·margin on the natural pattern."
-    name = 'f2at'
     bn_mode = 'eval'
+    takes_objective, stands_for = False, 'pgdat'  # CE on its own PGD examples, plus its pattern losses
+    flat_names = dict(alpha_attack='alpha', eps='eps', steps='steps')
+    internal = ('pretrain_epoch',)  # set by `build` from source_epochs
+
+    @classmethod
+    def recipe(cls, cfg, own): return dict(alpha_attack=cfg['eps']/4)  # the training attack's step when `alpha` is not given
+
+    @classmethod
+    def build(cls, ctx, objective=None, *,
+              estimators:str|None=None, # a saved estimators.pt (None: pre-train them here; mode 'target': on this network)
+              source_run:str|None=None, # the PGD-AT run to pre-train the estimators on (None: train one, under <run_name>.source)
+              source_epochs:int|None=None, # epochs of that PGD-AT run (None: the run's own); mode 'target': the epoch they are pre-trained at
+              est_epochs:int=25, # epochs of the estimators' pre-training (MIAT: 25)
+              units:int=2048, # the estimators' width U (MIAT: 2048)
+              est_batch:int=400, # the estimators' pre-training batch
+              **params):
+        "F²AT with its MI estimators: given, pre-trained on a PGD-AT source model (trained here unless given), or later on the network."
+        for k, v in (('est_epochs', est_epochs), ('units', units), ('est_batch', est_batch)): check(k, v, int, lo=2)
+        check('source_epochs', source_epochs, int, lo=1, allow_none=True)
+        check('estimators', estimators, str, allow_none=True); check('source_run', source_run, str, allow_none=True)
+        if ctx.checks and estimators is not None and not Path(estimators).is_file():
+            raise ConfigError(f'estimators = {estimators!r}: no such file')
+        if ctx.checks and source_run is not None:
+            try: ctx.load_run(source_run)
+            except FileNotFoundError: raise ConfigError(f'source_run = {source_run!r}: no such run') from None
+        if ctx.dry: return cls(None, None, pretrain_epoch=source_epochs or 1, **params)
+        est = ctx.parts.get('estimators') or run_estimators(ctx, estimators, source_run, source_epochs, est_epochs, units, est_batch, params)
+        return cls(est[0], est[1], pretrain=est[2], pretrain_epoch=source_epochs or 1, **params)
+
+    @classmethod
+    def min_rows(cls, cfg):
+        if cfg['f2at_alpha'] > 0 and cfg['f2at_ablation'] not in ('no_patterns', 'no_pd'):  # the MI bound in use
+            return 2, "F²AT's in-batch MI bound needs at least 2 per process"
+        return 1, ''
+
+    @classmethod
+    def report_flags(cls, cfg):
+        return [dict(code='f2at_logits_unstable', kind='mechanism', message=F2AT_LOGITS_UNSTABLE)] if cfg['f2at_source'] == 'logits' else []
 
     def __init__(self, est_nat:MIEstimator|None, est_pert:MIEstimator|None, # estimators (pre-trained; None in mode 'target')
-                 K:int=2, alpha:float=0.1, gamma:float=1.0, tau:float=0.07, v:float=0.995,
-                 margin:str='soft', # 'soft' (eq. 19) or 'hard' (eq. 18)
-                 ablation:str|None=None, # None | 'no_patterns' (i) | 'no_margin' (ii: γ = 0) | 'no_pd' (iii: α = 0)
-                 source:str='features', # E_ψ: penultimate 'features' or 'logits'
-                 mode:str='frozen', # 'frozen' (pre-trained on a source network, MIAT), 'online' (one ascent step per batch), 'target' (pre-trained on this network at `pretrain_epoch`)
+                 K:int=2, # bit-planes of the natural pattern
+                 alpha:float=0.1, # weight α of L_pd
+                 gamma:float=1.0, # weight γ of the natural pattern's margin loss
+                 tau:float=0.07, # temperature τ of L_pd
+                 v:float=0.995, # smoothness v of the soft margin
+                 margin:Literal['soft', 'hard']='soft', # 'soft' (eq. 19) or 'hard' (eq. 18)
+                 ablation:Literal['no_patterns', 'no_margin', 'no_pd']|None=None, # None | 'no_patterns' (i) | 'no_margin' (ii: γ = 0) | 'no_pd' (iii: α = 0)
+                 source:Literal['features', 'logits']='features', # E_ψ: penultimate 'features' or 'logits'
+                 mode:Literal['frozen', 'online', 'target']='frozen', # 'frozen' (pre-trained on a source network, MIAT), 'online' (one ascent step per batch), 'target' (pre-trained on this network at `pretrain_epoch`)
                  est_lr:float=1e-3, # online mode: Adam learning rate of the estimators
                  n_neg:int|None=None, # negatives in L_pd (default: the batch; in a process group, this process's rows)
                  scale_pert:bool=True, # feed X_pert·2^K to the perturbed estimator (as in pre-training)
-                 nat_bn:str='batch', # the h(X_nat) forward: 'batch' (batch statistics, running statistics untouched) or 'update'
+                 nat_bn:Literal['batch', 'update']='batch', # the h(X_nat) forward: 'batch' (batch statistics, running statistics untouched) or 'update'
                  alpha_warmup:int=0, # α grows linearly over the first `alpha_warmup` epochs (α·epoch/alpha_warmup)
                  pretrain:Callable|None=None, # mode 'target': model -> (est_nat, est_pert), pre-training on a frozen copy of the model
                  pretrain_epoch:int=1, # mode 'target': the epoch at whose start the estimators are pre-trained (α = 0 before)
@@ -211,8 +255,6 @@ class F2AT(Method):
         self.est_lr = check('est_lr', est_lr, float, lo=0, lo_open=True)
         self.nat_bn, self.alpha_warmup = check('nat_bn', nat_bn, str, choices=['batch', 'update']), check('alpha_warmup', alpha_warmup, int, lo=0)
         self.pretrain_epoch = check('pretrain_epoch', pretrain_epoch, int, lo=0)
-        if mode == 'target' and pretrain is None: raise ConfigError("mode = 'target': pass pretrain (model -> estimators)")
-        if mode != 'target' and (est_nat is None or est_pert is None): raise ConfigError(f'mode = {mode!r}: pass both estimators')
         self.pretrain, self.est_opt, self._model = pretrain, None, None
         self._set_estimators(est_nat, est_pert)
 
@@ -224,6 +266,9 @@ class F2AT(Method):
             for p in e.parameters(): p.requires_grad_(False)
 
     def setup(self, model):
+        if self.mode == 'target' and self.pretrain is None and self.est_nat is None:
+            raise ConfigError("mode = 'target': pass pretrain (model -> estimators)")
+        if self.mode != 'target' and (self.est_nat is None or self.est_pert is None): raise ConfigError(f'mode = {self.mode!r}: pass both estimators')
         self._model = model
         dev = next(model.parameters()).device
         if self.est_nat is not None:
@@ -327,3 +372,59 @@ def load_estimators(path) -> tuple[MIEstimator, MIEstimator, dict]:
         for p in e.parameters(): p.requires_grad_(False)
         out.append(e)
     return out[0], out[1], d['meta']
+
+# %% ../nbs/13_f2at.ipynb #4b662527
+F2AT_LOGITS_UNSTABLE = ("f2at_source = 'logits' is unstable: with the MI estimators on the logits, the small-scale CIFAR-10 comparison "
+                        "(experiments/f2at_cifar.py: small_cnn, 5,000 images, 8 epochs) collapsed to 10.0% clean accuracy, chance; "
+                        "the default estimator input is 'features'")
+
+
+def run_estimators(ctx, # the run's BuildContext
+                   estimators, source_run, source_epochs, est_epochs, units, est_batch, # F2AT.build's settings
+                   params:dict, # F2AT's other settings
+                  ) -> tuple:
+    "(est_nat, est_pert, pretrain): the run's estimators and the function that pre-trains them on a model."
+    from robustbench_lab.data import load_arrays
+    c = ctx.cfg
+    x, y = load_arrays(c['dataset'], 'train')
+    if c['n_train'] is not None: x, y = x[:c['n_train']], y[:c['n_train']]
+    def pretrain_everywhere(model, epochs):
+        # every process pre-trains (the same seed and data): none waits for rank 0 past the group's timeout, as it would for the
+        # hour a paper-scale pre-training takes; rank 0's estimators then hold everywhere, should kernels round differently
+        en, ep, hist = pretrain_estimators(model, x, y, K=params['K'], eps=params['eps'], steps=params['steps'], units=units,
+                                           source=params['source'], epochs=epochs, batch_size=est_batch, seed=c['seed'],
+                                           progress=c['progress'] and distributed.is_main())
+        for e in (en, ep): distributed.broadcast_state_(e)
+        return en, ep, hist
+    def pretrain(model, dry=False): return pretrain_everywhere(model, 0 if dry else est_epochs)[:2]
+    if params['mode'] == 'target' and estimators is None: return None, None, pretrain
+    path = ctx.run_dir/'estimators.pt'
+    if estimators is not None: path = Path(estimators)
+    elif not distributed.gather_objects(path.exists())[0]:  # rank 0's view decides: pre-training is a collective
+        if source_run is not None: src = ctx.load_run(source_run)
+        else:
+            keys = ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'schedule', 'milestones', 'lr_factors',
+                    'eps', 'alpha', 'steps', 'seed', 'n_train', 'n_eval', 'device', 'channels_last', 'progress', 'normalize',
+                    'pad_mode', 'nproc', 'sync_bn', 'backend')
+            src = ctx.train(**{k: c[k] for k in keys}, method='standard', objective='pgdat', epochs=source_epochs or c['epochs'],
+                            suite='monitor', n_report=c['n_eval'], run_name=f"{c['run_name']}.source", runs_dir=c['runs_dir'], resume='auto')
+        en, ep, hist = pretrain_everywhere(src.model(device=ctx.device), est_epochs)
+        if distributed.is_main():
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=params['K'], source=params['source'])
+        return en, ep, pretrain
+    distributed.check_shared(path)  # every process reads them
+    en, ep, meta = load_estimators(path)
+    if meta.get('K') not in (None, params['K']) or meta.get('source') not in (None, params['source']):
+        raise ConfigError(f"f2at_estimators: trained for K = {meta.get('K')} on {meta.get('source')!r}, not K = {params['K']} on {params['source']!r}")
+    return en, ep, pretrain
+
+
+register_preset('f2at-paper', dict(CIFAR10, method='f2at', arch='resnet18', epochs=100, lr=0.1, weight_decay=2e-4, schedule='multistep',
+                                   milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0,
+                                   f2at_tau=0.07, f2at_v=0.995, f2at_units=2048, f2at_est_epochs=25),
+                'ResNet-18, 100 epochs, lr 0.1 ÷10 at 50/75, wd 2e-4, PGD-10; K = 2, α = 0.1, γ = 1, τ = 0.07, v = 0.995; '
+                'estimators U = 2048, 25 epochs')
+register_preset('f2at-protocol', dict(CIFAR10, arch='resnet18', epochs=100, lr=0.1, weight_decay=2e-4, schedule='multistep',
+                                      milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10),
+                "F²AT's baselines (the method is yours): ResNet-18, 100 epochs, ÷10 at 50/75, wd 2e-4, PGD-10 (2/255)");

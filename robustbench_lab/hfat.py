@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from . import distributed
 from .attacks import IterativeAttack
 from .core import ConfigError, check, sample_randn, shared_generator
-from .methods import Method, WeightPerturbation, relative_direction, unwrap
-from .objectives import Objective, PGDAT, batch_kl
+from .methods import HFAT_PROTOCOL, Method, WeightPerturbation, register_method, relative_direction, rice_code, unwrap
+from .objectives import CIFAR10, RICE_CODE_BASE, Objective, batch_kl, register_preset
+from typing import Literal
 
 # %% auto #0
 __all__ = ['WEIGHTINGS', 'hider_candidates', 'branch_weights', 'masked_hider_loss', 'take_grads', 'mix_grads_', 'HFAT',
@@ -79,10 +80,21 @@ def mix_grads_(params:list, g_s:list, g_a:list, w_s:torch.Tensor, w_a:torch.Tens
     for p, g in zip(params, mixed): p.grad = g
 
 # %% ../nbs/10_hfat.ipynb #512d97a9
+@register_method('hfat')
 class HFAT(Method):
     "Hider-focused AT around any objective: a standard branch plus an auxiliary-model branch, adaptively weighted."
-    name = 'hfat'
     bn_mode = 'train'
+    flat_names = dict(noise_std='hfat_noise', awp_gamma='awp_gamma')
+
+    @classmethod
+    def recipe(cls, cfg, own):
+        "The released script (the Rice et al. base): each later epoch's first batch attacked in eval mode."
+        return dict(eval_first_batch=True) if rice_code(cfg, train_mode_attacks=True) else {}
+
+    @classmethod
+    def objective_recipe(cls, cfg, own, objective):
+        "The released script's `attack_pgd`: its selection forward after the last step."
+        return dict(select_forward=True) if rice_code(cfg, train_mode_attacks=True) else {}
 
     def __init__(self, objective:Objective,
                  eps_s:float=7/255, # standard-branch radius (code: aux_epsilon)
@@ -93,11 +105,12 @@ class HFAT(Method):
                  noise_std:float=0.01/255, # noise on hider candidates (script; default 1/255)
                  lt:float=1.5, # hider loss threshold: only candidates with CE < lt drive the proxy (script; default 1.1)
                  gamma:float=0.01, # auxiliary perturbation strength, relative to each layer's weight norm
-                 weighting:str='code', # 'code', 'paper' or 'static'
+                 weighting:Literal['code', 'paper', 'static']='code', # the code's batch-summed KLs with temperatures | eq. 6 | static (Fig. 6)
                  beta_r:float=0.0, # 'code' temperature of the standard branch (script; default 0.5)
                  beta_u:float=1.0, # 'code' temperature of the auxiliary branch (script; default 2.0)
-                 static_weights:tuple=(0.1, 0.9), # (w_S, w_A) for weighting='static'
-                 awp_gamma:float|None=None, # AWP_HF: also compute the standard branch at AWP-perturbed weights
+                 lambda_a:float|None=None, # weighting='static': w_A = λ_A/(1 + λ_A), w_S = 1/(1 + λ_A)
+                 awp:bool=False, # AWP_HF: also compute the standard branch at AWP-perturbed weights (also on whenever awp_gamma is given)
+                 awp_gamma:float|None=None, # AWP_HF's strength (None: 0.01 with an objective declaring 'at_awp', as AT-AWP; 0.005 otherwise)
                  std_attack:IterativeAttack|None=None, # override the standard-branch attack entirely
                  **kw, # eval_first_batch (the code attacks each epoch's first batch in eval mode; see `Method`)
                 ):
@@ -109,10 +122,13 @@ class HFAT(Method):
         self.gamma = check('gamma', gamma, float, lo=0)
         self.weighting = check('weighting', weighting, str, choices=WEIGHTINGS)
         self.beta_r, self.beta_u = check('beta_r', beta_r, float), check('beta_u', beta_u, float)
-        if len(static_weights) != 2 or min(static_weights) < 0:
-            raise ConfigError(f'static_weights = {static_weights!r}: expected two non-negative weights (w_S, w_A)')
-        self.static_weights = tuple(float(w) for w in static_weights)
-        self.awp_gamma = check('awp_gamma', awp_gamma, float, lo=0, allow_none=True)
+        lam = check('lambda_a', lambda_a, float, lo=0, allow_none=True)
+        if self.weighting == 'static' and lam is None:
+            raise ConfigError("lambda_a = None: weighting='static' needs the static weight λ_A (w_A = λ_A/(1 + λ_A))")
+        self.static_weights = (1/(1 + lam), lam/(1 + lam)) if lam is not None else (0.1, 0.9)
+        check('awp_gamma', awp_gamma, float, lo=0, allow_none=True)
+        on = check('awp', awp, bool) or awp_gamma is not None
+        self.awp_gamma = ((0.01 if 'at_awp' in objective.capabilities else 0.005) if awp_gamma is None else awp_gamma) if on else None
         self.std_attack = std_attack or self._standard_attack(objective.attack)
         self.proxy = None
 
@@ -179,3 +195,18 @@ class HFAT(Method):
 def hfat_paper(objective:Objective, **kw) -> HFAT:
     "HFAT with the paper's settings: Table 1's 5 standard-branch steps and eq. 6's (batch-mean) weights."
     return HFAT(objective, **{**dict(steps_s=5, weighting='paper'), **kw})
+
+
+register_preset('hfat-code', dict(CIFAR10, **RICE_CODE_BASE, **HFAT_PROTOCOL, method='hfat', objective='pgdat', schedule='piecewise',
+                                  hfat_steps_s=7, hfat_weighting='code', best_after=81, report_best=True, n_eval=10000, seed=42),
+                "the released `main.py` + `scripts/preactresnet.sh`: PreActResNet-18, 200 epochs, per-iteration piecewise lr 0.1, wd 5e-4, "
+                "reflect padding, normalised input, train-mode attacks with `attack_pgd`'s selection forward, standard branch 7/255 × 7 "
+                "steps, code weights (β_r 0, β_u 1), best PGD-20 checkpoint on all 10,000 test images after epoch 81, seed 42")
+register_preset('hfat-paper', dict(CIFAR10, **HFAT_PROTOCOL, method='hfat', objective='pgdat', schedule='multistep', milestones=[0.5, 0.75],
+                                   hfat_steps_s=5, hfat_weighting='paper', best_after=81, report_best=True),
+                "the paper: 5 standard-branch steps (Table 1), eq. 6's batch-mean weights, ÷10 at epochs 100/150")
+register_preset('hfat-protocol', dict(CIFAR10, **HFAT_PROTOCOL, schedule='multistep', milestones=[0.5, 0.75], best_after=81, report_best=True),
+                "HFAT's baselines (the method is yours): PreActResNet-18, 200 epochs, ÷10 at 100/150, wd 5e-4, PGD-10 (2/255), best after epoch 81")
+register_preset('rice-protocol', dict(CIFAR10, **RICE_CODE_BASE, **HFAT_PROTOCOL, schedule='piecewise', best_after=81, report_best=True),
+                "the Rice et al. code base (AT_PGD of HFAT, AT-AWP; the method is yours): per-iteration piecewise lr, reflect padding, "
+                "train-mode attacks and the code's forwards");

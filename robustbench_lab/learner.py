@@ -153,7 +153,8 @@ def _slow_cpu_bf16(amp, device) -> bool:
 
 
 NONFINITE = ('stop', 'skip')
-RUN_ONLY_KEYS = ('resume', 'progress', 'nproc', 'backend')  # how a run is executed, not what it computes: free to change on resume
+# how and where a run is executed, not what it computes: free to change on resume (a moved runs folder, another process count)
+RUN_ONLY_KEYS = ('resume', 'progress', 'nproc', 'backend', 'plugins', 'runs_dir', 'run_name')
 
 
 class TrainingDiverged(RuntimeError):
@@ -310,6 +311,7 @@ class Learner(TrainingLoop):
                  config:dict|None=None, # stored in checkpoints; a resume must present the same
                  nonfinite:str='stop', # a NaN/inf loss or gradient: 'stop' with `TrainingDiverged`, or 'skip' the step (counted)
                  sync_bn:bool=False, # in a process group: BatchNorm on global-batch statistics (exactness); else per process
+                 config_reader:Callable|None=None, # a stored config -> comparable settings (train: any version's config.json form)
                 ):
         self.device = get_device(device)
         if self.device.type == 'cpu': keep_freed_memory()  # activations reused, not re-faulted (see 00_core)
@@ -349,7 +351,7 @@ class Learner(TrainingLoop):
         self.scaler = torch.amp.GradScaler('cuda') if amp == 'fp16' else None
         self.fwd = _compile(self.model, compile)
         self.cbs = sorted(cbs or [], key=lambda c: c.order)
-        self.config = config or {}
+        self.config, self.config_reader = config or {}, config_reader or (lambda c: c)
         self.epoch = self.batch = self.step = 0
         self.accum = epoch_accumulators()
         self.history, self.record, self.logs, self.failure, self.stopped = [], {}, {}, None, None
@@ -388,7 +390,8 @@ class Learner(TrainingLoop):
 
     def load_state_dict(self, state:dict):
         "Restore a `state_dict` (from a checkpoint)."
-        mine, theirs = ({k: v for k, v in (c or {}).items() if k not in RUN_ONLY_KEYS} for c in (self.config, state.get('config')))
+        mine, theirs = ({k: v for k, v in (self.config_reader(c) if c else {}).items() if k not in RUN_ONLY_KEYS}
+                        for c in (self.config, state.get('config')))
         # a setting the checkpoint does not know did not exist when it was written: whoever resumes checks it against what
         # it then did, its default (train's run_state)
         diff = sorted(k for k in theirs if k not in mine or mine[k] != theirs[k])

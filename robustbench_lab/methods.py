@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import TradesKL
+from .attacks import Attack, TradesKL
 from . import distributed
 from .core import ConfigError, check
-from .objectives import PGDAT, Objective, batch_kl
+from .models import check_arch
+from .objectives import (CIFAR10, OBJECTIVES, RICE_CODE_BASE, TRADES_CODE_BASE, Objective, batch_kl,
+                                        register_preset)
+from .registry import CAPABILITIES, BuildContext, Component, Registry, declared_params
 
 # %% auto #0
-__all__ = ['METHODS', 'unwrap', 'perturbable_weights', 'load_into', 'relative_direction', 'WeightPerturbation', 'Method',
-           'Standard', 'AWP', 'SEAT', 'LBGAT']
+__all__ = ['METHODS', 'PROBES', 'HFAT_PROTOCOL', 'unwrap', 'perturbable_weights', 'load_into', 'relative_direction',
+           'WeightPerturbation', 'Method', 'rice_code', 'register_method', 'register_probes', 'Standard', 'AWP', 'SEAT',
+           'LBGAT']
 
 # %% ../nbs/06_methods.ipynb #32688a1f
 def unwrap(model:nn.Module) -> nn.Module:
@@ -86,16 +91,57 @@ class WeightPerturbation:
         if self.weights: torch._foreach_sub_(self.weights, self.delta)
 
 # %% ../nbs/06_methods.ipynb #8f7ec016
-class Method:
+class Method(Component):
     "How a training step forms the gradient from an objective."
     name = 'method'
     bn_mode = 'eval'  # BN mode of the inner attack unless the objective sets its own
+    takes_objective = True # False: the method forms its own loss; the run then records `stands_for` as its objective
+    stands_for = None # with takes_objective False: the objective the run records ('pgdat' for F²AT and OAT)
+    requires = frozenset() # capabilities its objective must offer (keys of registry.CAPABILITIES)
+    extra_models = () # names of the models `setup` returns, trained jointly (the run logs their accuracy)
+
+    @classmethod
+    def objective_recipe(cls, cfg:dict, # the run's configuration (flat names)
+                         own:dict, # this method's settings, by signature name
+                         objective:type, # the objective class of the run
+                        ) -> dict:
+        "Defaults for its objective's settings (by signature name) under this method: the code base's habits."
+        return {}
+
+    @classmethod
+    def build(cls, ctx:BuildContext, # the configuration, and the workbench's services
+              objective:Objective|None, # the run's objective (None when `takes_objective` is False)
+              **params, # its settings, by signature name
+             ) -> 'Method':
+        "The method of a run (keyword-only parameters here are settings too: what only building needs)."
+        return cls(objective, **params) if cls.takes_objective else cls(**params)
+
+    @classmethod
+    def network(cls, ctx:BuildContext) -> nn.Module:
+        "The run's network, freshly initialised (OAT's and AFA's are of their own kind)."
+        return ctx.create_model()
+
+    @classmethod
+    def min_rows(cls, cfg:dict) -> tuple[int, str]:
+        "(the fewest rows of a batch each process may hold, why): an in-batch estimate needs two."
+        return 1, ''
+
+    @classmethod
+    def report_flags(cls, cfg:dict) -> list[dict]:
+        "Warnings the run's report carries about this configuration (e.g. a setting known to be unstable)."
+        return []
 
     def __init__(self, objective:Objective,
                  eval_first_batch:bool=False, # attack the first batch of every epoch after the first in eval mode (Rice-based code: its test left the model there)
                  clean_forward_after_step:bool=False, # one train-mode forward of the clean batch after the step (Rice-based code logs train accuracy with it: a BN update)
                 ):
         if not isinstance(objective, Objective): raise ConfigError(f'objective = {objective!r}: expected an Objective')
+        missing = sorted(set(self.requires) - set(objective.capabilities))
+        if missing:
+            able = [n for n, c in OBJECTIVES.items() if set(self.requires) <= set(_capabilities(c))]
+            raise ConfigError(f"objective = {objective.name!r}: method {self.name!r} ({type(self).__name__}) needs an objective that offers "
+                              + '; '.join(f'{m!r} ({CAPABILITIES[m]})' for m in missing)
+                              + f"; {type(objective).__name__} does not declare it. Objectives that do: {', '.join(able) or 'none registered'}")
         self.objective = objective
         self.eval_first_batch = check('eval_first_batch', eval_first_batch, bool)
         self.clean_forward_after_step = check('clean_forward_after_step', clean_forward_after_step, bool)
@@ -132,7 +178,7 @@ class Method:
             with torch.no_grad(): model.train()(self._x)
 
     def eval_model(self, model:nn.Module) -> nn.Module:
-        "The model to evaluate and save as the result."
+        "The model to evaluate and save as the result (from a reloaded run: the network holding the saved result's weights)."
         return model
 
     def state_dict(self) -> dict: return {}
@@ -142,9 +188,54 @@ class Method:
     def __repr__(self): return f'{type(self).__name__}({self.objective!r})'
 
 # %% ../nbs/06_methods.ipynb #2cf05e99
+def _capabilities(cls) -> frozenset:
+    "What an objective class offers by default (a property that depends on a setting is read from a default instance)."
+    caps = inspect.getattr_static(cls, 'capabilities')
+    if isinstance(caps, property):
+        try: return frozenset(cls().capabilities)
+        except Exception: return frozenset()
+    return frozenset(caps)
+
+
+def rice_code(cfg:dict, # the run's configuration
+              train_mode_attacks:bool=False, # the method attacks in train mode whatever `bn_mode` says (HFAT)
+             ) -> bool:
+    "Is this run the Rice et al. code base: `code_forwards`, train-mode attacks, and an objective with `attack_pgd`'s selection forward?"
+    obj = OBJECTIVES.get(cfg.get('objective'))
+    has_select = obj is not None and 'select_forward' in declared_params(obj, cfg['objective'])
+    return bool(cfg.get('code_forwards')) and has_select and (train_mode_attacks or cfg.get('bn_mode') == 'train')
+
+
+METHODS = Registry('method', identifiers=True)
+
+
+def register_method(name:str, # the name train(method=...) takes; also the prefix of its settings' flat names
+                   ):
+    "Class decorator: register a `Method` subclass under `name`."
+    return METHODS.classes(name, Method)
+
+
+PROBES = Registry('probes')
+
+
+def register_probes(method:str, # the registered method whose runs get them
+                   ):
+    "Decorator: `factory(cfg, x_test, y_test) -> [callbacks]`, the mechanism probes of a method's runs (registered by an analysis module)."
+    return lambda factory: PROBES.register(method, factory)
+
+
+@register_method('standard')
 class Standard(Method):
     "Plain adversarial training: the objective's loss on its own adversarial examples, one backward pass."
-    name = 'standard'
+
+    @classmethod
+    def recipe(cls, cfg, own):
+        rice = rice_code(cfg)
+        return dict(eval_first_batch=rice, clean_forward_after_step=rice) if rice else {}
+
+    @classmethod
+    def objective_recipe(cls, cfg, own, objective):
+        return dict(select_forward=True) if rice_code(cfg) else {}
 
     def compute_grads(self, model, x, y, backward):
         self._x = x if self.clean_forward_after_step else None
@@ -154,16 +245,25 @@ class Standard(Method):
         return logs
 
 # %% ../nbs/06_methods.ipynb #87f3264b
+@register_method('awp')
 class AWP(Method):
     "Adversarial weight perturbation around any objective."
-    name = 'awp'
+    @classmethod
+    def recipe(cls, cfg, own): return Standard.recipe(cfg, own)  # AT-AWP's code is the Rice et al. base
 
-    def __init__(self, objective:Objective, gamma:float|None=None, # None: 0.01 for PGD-AT, 0.005 otherwise (TRADES-AWP)
-                 warmup:int|None=None, # epochs without weight perturbation; None: 0 for PGD-AT, 9 of 200 otherwise (TRADES-AWP code)
+    @classmethod
+    def objective_recipe(cls, cfg, own, objective):
+        "The Rice et al. selection forward; the TRADES-AWP code's forwards adv → clean → clean with `code_forwards`."
+        out = Standard.objective_recipe(cfg, own, objective)
+        if cfg.get('code_forwards') and 'forwards' in declared_params(objective, cfg['objective']): out['forwards'] = ('adv', 'clean', 'clean')
+        return out
+
+    def __init__(self, objective:Objective, gamma:float|None=None, # None: 0.01 with an objective declaring 'at_awp' (PGD-AT), 0.005 otherwise (TRADES-AWP)
+                 warmup:int|None=None, # epochs without weight perturbation; None: 0 with 'at_awp', 9 of 200 otherwise (TRADES-AWP code)
                  **kw, # eval_first_batch, clean_forward_after_step (see `Method`)
                 ):
         super().__init__(objective, **kw)
-        self.at_form = isinstance(objective, PGDAT)
+        self.at_form = 'at_awp' in objective.capabilities
         self.gamma = check('gamma', (0.01 if self.at_form else 0.005) if gamma is None else gamma, float, lo=0)
         self.warmup_epochs = check('warmup', warmup, int, lo=0, allow_none=True)
         self.bn_mode = 'train' if self.at_form else 'eval'
@@ -199,11 +299,18 @@ class AWP(Method):
     def __repr__(self): return f'AWP({self.objective!r}, gamma={self.gamma}, warmup={self.warmup_epochs})'
 
 # %% ../nbs/06_methods.ipynb #8398b73e
+@register_method('seat')
 class SEAT(Standard):
     "Self-ensemble AT: train as Standard, evaluate and keep the EMA of weights and BN buffers."
-    name = 'seat'
 
-    def __init__(self, objective:Objective, decay:float=0.999, **kw):
+    @classmethod
+    def recipe(cls, cfg, own): return {}  # the SEAT code is not the Rice et al. base
+
+    @classmethod
+    def objective_recipe(cls, cfg, own, objective): return {}
+
+    def __init__(self, objective:Objective, decay:float=0.999, # the average's decay (warmed up as min(decay, (t + 1)/(t + 10)))
+                 **kw):
         super().__init__(objective, **kw)
         self.decay = check('decay', decay, float, lo=0, hi=1)
         self.ema, self.t = None, 0
@@ -223,7 +330,7 @@ class SEAT(Standard):
         self.t += 1
         super().after_step(model)
 
-    def eval_model(self, model): return self.ema
+    def eval_model(self, model): return self.ema if self.ema is not None else model  # a reloaded run's network holds the average
 
     def state_dict(self): return dict(ema=self.ema.state_dict(), t=self.t)
 
@@ -231,12 +338,26 @@ class SEAT(Standard):
         self.ema.load_state_dict(state['ema']); self.t = state['t']
 
 # %% ../nbs/06_methods.ipynb #73f7c8c8
+@register_method('lbgat')
 class LBGAT(Method):
     "Learnable boundary-guided AT: a natural model guides the robust model's logits through an MSE term."
-    name = 'lbgat'
+    takes_objective = False
+    extra_models = ('natural',)
+    flat_names = dict(beta='beta', eps='eps', alpha='alpha', steps='steps', clip_start='clip_start', natural_arch='natural_arch')
 
-    def __init__(self, natural:nn.Module, # the natural (clean) model, e.g. ResNet-18, trained jointly
-                 beta:float=0.0, eps:float=8/255, alpha:float=0.007, steps:int=10, attack=None,
+    @classmethod
+    def build(cls, ctx, objective=None, *,
+              natural_arch:str|None=None, # the natural model's architecture (None: the run's `arch`; the code's is resnet18_s1)
+              **params):
+        "LBGAT with a freshly initialised natural model."
+        if natural_arch is not None: check_arch(natural_arch, 'natural_arch')
+        natural = ctx.parts.get('natural')
+        if natural is None and not ctx.dry: natural = ctx.create_model(natural_arch)
+        return cls(natural, **params)
+
+    def __init__(self, natural:nn.Module|None, # the natural (clean) model, e.g. ResNet-18, trained jointly
+                 beta:float=0.0, # weight of the robust model's TRADES KL (LBGAT0 on CIFAR-10: 0; CIFAR-100: 6)
+                 eps:float=8/255, alpha:float=0.007, steps:int=10, attack:Attack|None=None,
                  clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start of the KL attack
                 ):
         from robustbench_lab.objectives import TRADES
@@ -266,4 +387,20 @@ class LBGAT(Method):
     def __repr__(self): return f'LBGAT(beta={self.beta}, attack={self.objective.attack!r})'
 
 # %% ../nbs/06_methods.ipynb #063b641a
-METHODS = {c.name: c for c in (Standard, AWP, SEAT, LBGAT)}
+HFAT_PROTOCOL = dict(arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, eps=8/255, alpha=2/255, steps=10)  # also AT-AWP's
+
+register_preset('awp-code', dict(CIFAR10, **RICE_CODE_BASE, **HFAT_PROTOCOL, method='awp', objective='pgdat', schedule='piecewise',
+                                 awp_gamma=0.01, awp_warmup=0),
+                '`AT_AWP/train_cifar10.py`: PreActResNet-18, γ 0.01 from the first epoch, the Rice et al. base (as `rice-protocol`)')
+register_preset('trades-awp-code', dict(CIFAR10, **TRADES_CODE_BASE, code_forwards=True, method='awp', objective='trades', arch='wrn-34-10',
+                                        beta=6.0, epochs=200, lr=0.1, weight_decay=5e-4, schedule='multistep', milestones=[99/200, 149/200],
+                                        eps=8/255, alpha=2/255, steps=10, awp_gamma=0.005, awp_warmup=9),
+                '`trades_AWP/train_trades_cifar.py`: WRN-34-10, γ 0.005 from epoch 10 (1-based), 200 epochs ÷10 from 100/150, wd 5e-4, '
+                'step 2/255, forwards adv → clean → clean')
+register_preset('lbgat-code', dict(CIFAR10, **TRADES_CODE_BASE, dataset='cifar100', method='lbgat', arch='wrn-34-10', natural_arch='resnet18_s1',
+                                   beta=0.0, epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10),
+                '`train_lbgat_cifar100.py` + `sh/train_lbgat0_cifar100.sh`: CIFAR-100, WRN-34-10 + `resnet18_s1` natural model, β 0, '
+                'LBGAT schedule, wd 2e-4, raw pixels, unclipped start')
+register_preset('seat-code', dict(CIFAR10, normalize=False, method='seat', objective='pgdat', arch='resnet18', epochs=120, lr=0.01,
+                                  weight_decay=3.5e-3, schedule='linear_epoch', eps=0.031, alpha=0.007, steps=10),
+                '`seat.py` (ResNet-18): lr 0.01, wd 3.5e-3, 120 epochs, `np.interp` at the 1-based epoch, raw pixels');

@@ -21,8 +21,9 @@ from .data import dataset_info
 # %% auto #0
 __all__ = ['NormLayer', 'VGG16_CFG', 'ARCHS', 'KNOWN_ARCHS', 'Normalize', 'MultiBN', 'multibn_layers', 'set_bn_branch',
            'set_bn_mix', 'set_bn_route', 'bn_branch', 'bn_mix', 'ImageClassifier', 'BasicBlock', 'Bottleneck', 'ResNet',
-           'PreActBlock', 'PreActResNet', 'WideBlock', 'NetworkBlock', 'WideResNet', 'VGG', 'SmallCNN', 'create_model',
-           'count_parameters', 'repeat_bn_updates', 'no_bn_update', 'reference_resnet18_path', 'reference_resnet18']
+           'PreActBlock', 'PreActResNet', 'WideBlock', 'NetworkBlock', 'WideResNet', 'VGG', 'SmallCNN', 'check_arch',
+           'create_model', 'count_parameters', 'repeat_bn_updates', 'no_bn_update', 'reference_resnet18_path',
+           'reference_resnet18']
 
 # %% ../nbs/02_models.ipynb #fee234b5
 class Normalize(nn.Module):
@@ -390,6 +391,15 @@ _WRN = re.compile(r'wrn-(\d+)-(\d+)$')
 KNOWN_ARCHS = sorted(ARCHS) + ['wrn-16-8', 'wrn-28-10', 'wrn-34-10', 'wrn-<depth>-<width>']
 
 
+def check_arch(name:str, # an architecture name
+               key:str='arch', # the parameter that names it, for the error
+              ) -> str:
+    "The name, if it is an architecture `create_model` builds; else a `ConfigError` naming `key` and the choices."
+    check(key, name, str)
+    if name not in ARCHS and not _WRN.match(name): raise ConfigError(f'{key} = {name!r}: expected one of {", ".join(KNOWN_ARCHS)}')
+    return name
+
+
 def create_model(name:str, # architecture: see `KNOWN_ARCHS`
                  dataset:str='cifar10', # fixes classes, input channels and normalisation statistics
                  normalize:bool=True, # first layer Normalize(mean, std) of the dataset; False: identity (raw-pixel checkpoints)
@@ -397,11 +407,9 @@ def create_model(name:str, # architecture: see `KNOWN_ARCHS`
                  **kw, # architecture options (e.g. width for small_cnn, drop_rate for wrn), or num_classes/in_channels overrides
                 ) -> ImageClassifier:
     "Build architecture `name` for `dataset`; the model takes [0, 1] pixels."
-    check('arch', name, str)
+    check_arch(name)
     info = dataset_info(dataset)
     check('normalize', normalize, bool)
-    if name not in ARCHS and not _WRN.match(name):
-        raise ConfigError(f'arch = {name!r}: expected one of {", ".join(KNOWN_ARCHS)}')
     if name == 'vgg16' and info.size < 32:
         raise ConfigError(f'arch = vgg16 needs images of at least 32×32 (five 2× poolings); dataset {dataset!r} has {info.size}×{info.size}')
     kw.setdefault('num_classes', info.num_classes)

@@ -16,16 +16,28 @@ import torch.nn.functional as F
 from .attacks import PGD, Attack, IterativeAttack, TradesKL, attack_mode
 from . import distributed
 from .core import ConfigError, check, shared_generator, shared_rand
+from .registry import BuildContext, Component, Registry, register_preset
+from pathlib import Path
+from typing import Literal
 
 # %% auto #0
-__all__ = ['FORWARDS', 'OBJECTIVES', 'Objective', 'check_forwards', 'ordered_forwards', 'Clean', 'PGDAT', 'batch_kl', 'TRADES',
-           'MART', 'HELP', 'gair_weights', 'GAIRAT', 'probabilistic_margin', 'MAIL', 'mixup_ce', 'IAT',
-           'make_objective']
+__all__ = ['FORWARDS', 'OBJECTIVES', 'CIFAR10', 'TRADES_CODE_BASE', 'RICE_CODE_BASE', 'Objective', 'check_forwards',
+           'ordered_forwards', 'register_objective', 'make_objective', 'Clean', 'PGDAT', 'batch_kl', 'TRADES', 'MART',
+           'HELP', 'gair_weights', 'GAIRAT', 'probabilistic_margin', 'MAIL', 'mixup_ce', 'IAT']
 
 # %% ../nbs/05_objectives.ipynb #c8313672
-class Objective:
+class Objective(Component):
     "An adversarial-training objective: `perturb` (inner maximisation) and `loss` (outer minimisation)."
     name = 'objective'
+    capabilities = frozenset() # what it offers a method (keys of registry.CAPABILITIES)
+    flat_names = dict(bn_mode='bn_mode') # the run's bn_mode
+
+    @classmethod
+    def build(cls, ctx:BuildContext, # the configuration, and the workbench's services
+              **params, # its settings, by signature name
+             ) -> 'Objective':
+        "The objective of a run (keyword-only parameters here are settings too: what only building needs)."
+        return cls(**params)
 
     def __init__(self, attack:Attack, # the inner attack
                  bn_mode:str|None=None, # BN mode of the inner attack; None: the method's default (METHODS §8)
@@ -93,15 +105,30 @@ def ordered_forwards(model, model_adv, x, x_adv, forwards) -> tuple:
         else: out[which] = net(inp)
     return out['clean'], out['adv']
 
+# %% ../nbs/05_objectives.ipynb #9a08e9f8
+OBJECTIVES = Registry('objective', identifiers=True)
+
+
+def register_objective(name:str, # the name train(objective=...) takes; also the prefix of its settings' flat names
+                      ):
+    "Class decorator: register an `Objective` subclass under `name`."
+    return OBJECTIVES.classes(name, Objective)
+
+
+def make_objective(name:str, **kw) -> Objective:
+    "The objective registered as `name` ('clean', 'pgdat', 'trades', 'mart', 'help', 'gairat', 'mail', 'iat', or a plug-in's) with keyword settings."
+    return OBJECTIVES[check('objective', name, str)](**kw)
+
 # %% ../nbs/05_objectives.ipynb #193a69c6
 class _NoAttack(Attack):
     name, eps = 'none', 0.0
     def perturb(self, model, x, y): return x
 
 
+@register_objective('clean')
 class Clean(Objective):
     "Standard (non-adversarial) training: cross-entropy on clean inputs."
-    name = 'clean'
+    capabilities = frozenset({'label_loss', 'branch_loss'})
 
     def __init__(self): super().__init__(_NoAttack())
 
@@ -114,14 +141,20 @@ class Clean(Objective):
         return loss, dict(loss=loss.item())
 
 # %% ../nbs/05_objectives.ipynb #00492d64
+@register_objective('pgdat')
 class PGDAT(Objective):
     "PGD adversarial training: cross-entropy on PGD examples."
-    name = 'pgdat'
+    capabilities = frozenset({'label_loss', 'label_attack', 'branch_loss', 'budget_attack', 'at_awp'})
+    flat_names = dict(eps='eps', alpha='alpha', steps='steps')
 
     def __init__(self, eps:float=8/255, alpha:float=2/255, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
                  select_forward:bool=False, # the Rice et al. code's `attack_pgd`: one more (train-mode: BN-updating) forward after the last step
+                 init:Literal['uniform', 'normal']='uniform', # the random start: uniform in the ball (Madry) | x + 0.001·N(0, I) (the DYNAT code)
+                 clip_start:bool=True, # project the random start onto the ball and [0, 1] (False: the DYNAT code's raw start)
                 ):
-        super().__init__(attack or _madry(eps, alpha, steps, select_forward=select_forward), bn_mode)
+        check('init', init, str, choices=['uniform', 'normal'])
+        super().__init__(attack or PGD(eps=eps, alpha=alpha, steps=steps, init=init, clip_start=clip_start, select_forward=select_forward),
+                         bn_mode)
 
     def loss(self, model, x, x_adv, y, model_adv=None):
         za = (model_adv or model)(x_adv)
@@ -136,13 +169,20 @@ def batch_kl(z_clean:torch.Tensor, z_adv:torch.Tensor) -> torch.Tensor:
     return (p*(F.log_softmax(z_clean, 1) - F.log_softmax(z_adv, 1))).sum(1)
 
 
+@register_objective('trades')
 class TRADES(Objective):
     "TRADES: clean CE plus β times the KL between clean and adversarial predictions."
-    name = 'trades'
+    capabilities = frozenset({'branch_loss', 'budget_attack'})
+    flat_names = dict(beta='beta', eps='eps', alpha='alpha', steps='steps', clip_start='clip_start')
+
+    @classmethod
+    def recipe(cls, cfg, own):
+        "The TRADES code's three train-mode forwards (clean, adversarial, clean: the KL target) with `code_forwards`."
+        return dict(forwards=('clean', 'adv', 'clean')) if cfg.get('code_forwards') else {}
 
     def __init__(self, beta:float=6.0, eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
                  clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
-                 forwards=('clean', 'adv'), # train-mode forward order; TRADES code: clean, adv, clean; TRADES-AWP code: adv, clean, clean
+                 forwards:tuple[str, ...]|str=('clean', 'adv'), # train-mode forward order; TRADES code: clean, adv, clean; TRADES-AWP code: adv, clean, clean
                 ):
         super().__init__(attack or TradesKL(eps=eps, alpha=alpha, steps=steps, clip_start=clip_start), bn_mode)
         self.beta = check('beta', beta, float, lo=0)
@@ -156,9 +196,11 @@ class TRADES(Objective):
         return loss, dict(loss=loss.item(), ce_clean=ce.item(), kl=kl.item())
 
 # %% ../nbs/05_objectives.ipynb #e3f10040
+@register_objective('mart')
 class MART(Objective):
     "MART: boosted CE on adversarial examples plus a misclassification-weighted KL."
-    name = 'mart'
+    capabilities = frozenset({'branch_loss', 'budget_attack'})
+    flat_names = dict(beta='beta', eps='eps', alpha='alpha', steps='steps', clip_start='clip_start')
 
     def __init__(self, beta:float=6.0, eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
                  clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
@@ -179,12 +221,37 @@ class MART(Objective):
         return loss, dict(loss=loss.item(), bce=bce.item(), weighted_kl=robust.item())
 
 # %% ../nbs/05_objectives.ipynb #87ceeb15
+@register_objective('help')
 class HELP(Objective):
     "Helper-based adversarial training (HAT): TRADES plus CE on helper examples x + h·δ labelled by a standard model."
-    name = 'help'
+    capabilities = frozenset({'branch_loss', 'budget_attack'})
+    flat_names = dict(h='hat_h', gamma='hat_gamma', beta='beta', helper_from='helper', helper_epochs='helper_epochs',
+                      eps='eps', alpha='alpha', steps='steps', clip_start='clip_start')
+
+    @classmethod
+    def build(cls, ctx, *,
+              helper_from:str|None=None, # the helper: a run folder or checkpoint of a standard model (None: train one first, as the HAT code does)
+              helper_epochs:int|None=None, # epochs of that standard run (None: the run's own)
+              **params):
+        "HELP with its standard-trained helper: a given run or checkpoint, or a clean run trained first under `<run_name>.helper`."
+        check('helper_epochs', helper_epochs, int, lo=1, allow_none=True)
+        if ctx.checks and helper_from is not None and not Path(check('helper', helper_from, str)).exists():
+            raise ConfigError(f"helper = {helper_from!r}: no such run folder or checkpoint")
+        if ctx.dry or 'helper' in ctx.parts: return cls(helper=ctx.parts.get('helper'), **params)
+        if helper_from is not None: return cls(helper=ctx.load_model(helper_from).to(ctx.device), **params)
+        c = ctx.cfg
+        sub = dict({k: c[k] for k in ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'nesterov',
+                                      'schedule', 'milestones', 'lr_factors', 'seed', 'n_train', 'n_eval', 'device', 'channels_last',
+                                      'normalize', 'pad_mode', 'nproc', 'sync_bn', 'backend', 'progress')},
+                   method='standard', objective='clean', epochs=helper_epochs or c['epochs'], suite='monitor', n_report=c['n_eval'],
+                   run_name=f"{c['run_name']}.helper", runs_dir=c['runs_dir'], resume='auto')
+        return cls(helper=ctx.train(**sub).net.to(ctx.device), **params)
 
     def __init__(self, helper:nn.Module|None=None, # standard-trained model labelling the helper examples (required to train)
-                 h:float=2.0, beta:float=2.5, gamma:float=0.5, form:str='trades',
+                 h:float=2.0, # the helper example's distance x + h·(x_adv − x)
+                 beta:float=2.5, # weight of the robust term
+                 gamma:float=0.5, # weight of the helper CE (the code's argparse default: 1)
+                 form:Literal['trades', 'at']='trades', # robust term: the TRADES KL | CE on x_adv
                  eps:float=8/255, alpha:float=2/255, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
                  clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
                 ):
@@ -219,13 +286,16 @@ def gair_weights(kappa:torch.Tensor, # per-sample count of correctly classified 
     return distributed.global_rows(len(w))*w/distributed.sum_scalar(w.sum()).to(w)
 
 
+@register_objective('gairat')
 class GAIRAT(Objective):
     "Geometry-aware instance-reweighted AT: CE on GA-PGD examples, weighted by how few steps each point survived."
-    name = 'gairat'
+    capabilities = frozenset({'label_loss', 'label_attack', 'branch_loss', 'budget_attack'})
+    flat_names = dict(lam='gairat_lambda', begin_epoch='gairat_begin', eps='eps', alpha='alpha', steps='steps')
 
-    def __init__(self, lam:float=-1.0,
+    def __init__(self, lam:float=-1.0, # λ of the weights
                  begin_epoch:int|None=None, # the code's --begin_epoch: reweight from the epoch numbered begin_epoch counting from 1 (None: half the run)
-                 schedule:str='fixed', lam_max:float=1.0,
+                 schedule:Literal['fixed', 'linear']='fixed', # λ fixed, or linear from lam_max down to λ
+                 lam_max:float=1.0, # the 'linear' schedule's first λ
                  label_smoothing:float=0.0, # on the weighted CE (DYNAT's GAIRAT hybrid uses 0.2)
                  eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:IterativeAttack|None=None):
         super().__init__(attack or _madry(eps, alpha, steps), bn_mode)
@@ -271,13 +341,22 @@ def probabilistic_margin(z_adv:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
     return p.masked_fill(F.one_hot(y, p.shape[1]).bool(), -1).max(1).values - p.gather(1, y[:, None])[:, 0]
 
 
+@register_objective('mail')
 class MAIL(Objective):
     "Margin-aware instance reweighting (MAIL-AT or MAIL-TRADES)."
-    name = 'mail'
+    flat_names = dict(beta='beta', eps='eps', alpha='alpha', steps='steps', clip_start='clip_start')
 
-    def __init__(self, form:str='at', bias:float|None=None, slope:float|None=None, beta:float=5.0,
+    @property
+    def capabilities(self):
+        "MAIL-AT is a label loss with a CE attack; MAIL-TRADES is not."
+        return frozenset({'branch_loss', 'budget_attack'} | ({'label_loss', 'label_attack'} if self.form == 'at' else set()))
+
+    def __init__(self, form:Literal['at', 'trades']='at', # MAIL-AT | MAIL-TRADES
+                 bias:float|None=None, # b of the weights (None: -0.5 for AT, 0 for TRADES)
+                 slope:float|None=None, # s of the weights (None: 10 for AT, 2 for TRADES)
+                 beta:float=5.0, # MAIL-TRADES' KL weight
                  burn_in:int|None=None, # unweighted epochs at the start (None: 76 of 120, the code's `epoch <= 75`)
-                 weight_scale:float|str=3.0,
+                 weight_scale:float|str=3.0, # the weighted loss's scale (the code's 3), or 'batch' (weights of mean 1)
                  eps:float=8/255, alpha:float=0.007, steps:int=10, bn_mode:str|None=None, attack:Attack|None=None,
                  clip_start:bool=True, # False: the code's unclipped x + 0.001·N(0, I) start
                 ):
@@ -326,11 +405,14 @@ def mixup_ce(model:nn.Module, x:torch.Tensor, y:torch.Tensor, lam:float, perm:to
     return lam*F.cross_entropy(z, y) + (1 - lam)*F.cross_entropy(z, y[perm])
 
 
+@register_objective('iat')
 class IAT(Objective):
     "Interpolated AT: mixup on clean and (separately) on adversarial examples, averaged."
-    name = 'iat'
+    capabilities = frozenset({'branch_loss', 'budget_attack'})
+    flat_names = dict(alpha_mix='iat_alpha', eps='eps', alpha='alpha', steps='steps')
 
-    def __init__(self, alpha_mix:float=1.0, eps:float=8/255, alpha:float=2/255, steps:int=7, bn_mode:str|None=None, attack:Attack|None=None):
+    def __init__(self, alpha_mix:float=1.0, # the mixup Beta(α, α)
+                 eps:float=8/255, alpha:float=2/255, steps:int=7, bn_mode:str|None=None, attack:Attack|None=None):
         super().__init__(attack or _madry(eps, alpha, steps), bn_mode)
         self.alpha_mix = check('alpha_mix', alpha_mix, float, lo=0, lo_open=True)
 
@@ -347,10 +429,36 @@ class IAT(Objective):
         loss = (clean + adv)/2
         return loss, dict(loss=loss.item(), mix_clean=clean.item(), mix_adv=adv.item())
 
-# %% ../nbs/05_objectives.ipynb #9a08e9f8
-OBJECTIVES = {c.name: c for c in (Clean, PGDAT, TRADES, MART, HELP, GAIRAT, MAIL, IAT)}
+# %% ../nbs/05_objectives.ipynb #b16e361a
+CIFAR10 = dict(dataset='cifar10', n_train=None, n_eval=1000, suite='monitor')
+TRADES_CODE_BASE = dict(normalize=False, clip_start=False)  # raw [0, 1] pixels, the unclipped x + 0.001·N(0, I) start
+RICE_CODE_BASE = dict(normalize=True, pad_mode='reflect', code_forwards=True, bn_mode='train')  # the Rice et al. code base
 
-
-def make_objective(name:str, **kw) -> Objective:
-    "The objective called `name` ('clean', 'pgdat', 'trades', 'mart', 'help', 'gairat', 'mail', 'iat') with keyword settings."
-    return OBJECTIVES[check('objective', name, str, choices=OBJECTIVES)](**kw)
+register_preset('trades-code', dict(CIFAR10, **TRADES_CODE_BASE, code_forwards=True, objective='trades', arch='wrn-34-10', beta=6.0,
+                                    epochs=76, lr=0.1, weight_decay=2e-4, schedule='multistep', milestones=[74/76], eps=0.031,
+                                    alpha=0.007, steps=10),
+                "`train_trades_cifar10.py`: WRN-34-10, β 6, 76 epochs, ÷10 from epoch 75 (1-based), wd 2e-4, ε 0.031, step 0.007, "
+                "raw pixels, unclipped start, forwards clean → adv → clean")
+register_preset('mart-code', dict(CIFAR10, **TRADES_CODE_BASE, objective='mart', arch='resnet18', beta=5.0, epochs=120, lr=0.01,
+                                  weight_decay=3.5e-3, schedule='multistep', milestones=[74/120, 89/120, 99/120],
+                                  lr_factors=[0.1, 0.01, 0.001], eps=0.031, alpha=0.007, steps=10),
+                "`train_resnet.py`: ResNet-18, β 5, lr 0.01, wd 3.5e-3, 120 epochs, ×0.1/0.01/0.001 from epochs 75/90/100 (1-based), "
+                "raw pixels, unclipped start")
+register_preset('gairat-code', dict(CIFAR10, normalize=False, objective='gairat', arch='resnet18', epochs=120, lr=0.1, weight_decay=2e-4,
+                                    schedule='multistep', milestones=[59/120, 89/120, 109/120], lr_factors=[0.1, 0.01, 0.005],
+                                    eps=0.031, alpha=0.007, steps=10, gairat_lambda=-1.0, gairat_begin=60),
+                "`GAIRAT.py` with `--net resnet18`: 120 epochs, lr 0.1/0.01/0.001/0.0005 from epochs 60/90/110 (its `epoch + 1`), "
+                "λ = −1 from `begin_epoch` 60, wd 2e-4, raw pixels")
+register_preset('mail-code', dict(CIFAR10, **TRADES_CODE_BASE, objective='mail', mail_form='at', mail_bias=-0.5, mail_slope=10.0,
+                                  mail_burn_in=76, arch='resnet18', beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3, schedule='multistep',
+                                  milestones=[75/120, 90/120, 100/120], lr_factors=[0.1, 0.01, 0.001], eps=0.031, alpha=0.007, steps=10),
+                "`train.py --method mail_at --bias -0.5 --slope 10`: ResNet-18, lr 0.01, wd 3.5e-3, 120 epochs, weights from epoch 76 "
+                "(0-based), raw pixels, unclipped start")
+register_preset('help-code', dict(CIFAR10, **TRADES_CODE_BASE, objective='help', arch='resnet18', beta=2.5, hat_gamma=0.5, hat_h=2.0,
+                                  epochs=50, helper_epochs=50, lr=0.21, nesterov=True, weight_decay=5e-4, schedule='onecycle', eps=8/255,
+                                  alpha=2/255, steps=10),
+                "the HAT README command: ResNet-18, β 2.5, γ 0.5, h 2, OneCycle lr 0.21 (momentum 0.95 ↔ 0.85), Nesterov, wd 5e-4, "
+                "50 epochs (helper: 50 clean epochs, same schedule), raw pixels, unclipped start")
+register_preset('iat-paper', dict(CIFAR10, objective='iat', arch='resnet18', iat_alpha=1.0, epochs=200, lr=0.1, weight_decay=2e-4,
+                                  schedule='multistep', milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=7),
+                "no official code; the widely used one: ResNet-18, lr 0.1, wd 2e-4, 200 epochs, ÷10 at 100/150, PGD-7 (2/255), mixup α = 1");

@@ -17,11 +17,12 @@ from . import distributed
 from .attacks import PGD, attack_mode
 from .core import check, check_list, random_scope
 from .learner import Callback
+from .methods import register_probes
 from .models import MultiBN, bn_branch, multibn_layers
 
 # %% auto #0
 __all__ = ['middle_bn', 'feature_statistics', 'fusing_weight_curve', 'spearman', 'afa_mechanism', 'beats_baseline',
-           'f2at_mechanism', 'AFAProbeCB', 'F2ATProbeCB', 'mechanism_flags', 'plot_probes']
+           'f2at_mechanism', 'AFAProbeCB', 'F2ATProbeCB', 'afa_probes', 'f2at_probes', 'mechanism_flags', 'plot_probes']
 
 # %% ../nbs/22_probes.ipynb #8b91b8a0
 def middle_bn(model:nn.Module) -> nn.Module:
@@ -226,6 +227,21 @@ class F2ATProbeCB(Callback):
         distributed.barrier()  # the others wait here, patiently, not in the next step's collective
 
 
+@register_probes('afa')
+def afa_probes(cfg:dict, xt:torch.Tensor, yt:torch.Tensor) -> list:
+    "AFA Stage II runs: the fusing-weight probe on the first `probe_n` test points (Stage I has no weight generator)."
+    if cfg['afa_stage'] != 2: return []
+    n = min(cfg['probe_n'], len(xt))
+    return [AFAProbeCB(xt[:n], yt[:n], eps_max=cfg['eps'], steps=cfg['steps'] or 10, every=cfg['probe_every'], seed=cfg['seed'])]
+
+
+@register_probes('f2at')
+def f2at_probes(cfg:dict, xt:torch.Tensor, yt:torch.Tensor) -> list:
+    "F²AT runs: the MI estimators' signal and the pattern losses' gradients."
+    n = min(cfg['probe_n'], len(xt))
+    return [F2ATProbeCB(xt[:n], yt[:n], every=cfg['probe_every'], seed=cfg['seed'])]
+
+
 def mechanism_flags(record:dict) -> list[dict]:
     "Report flags (kind 'mechanism') from an epoch record's probe results."
     out = []
@@ -276,4 +292,3 @@ def plot_probes(metrics:list[dict], # a run's epoch records (`Run.metrics`)
     fig.suptitle(f'{title} mechanism probe'.strip(), fontsize=9)
     fig.tight_layout()
     return fig
-

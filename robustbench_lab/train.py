@@ -6,510 +6,37 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import os
 import re
 import shutil
 import sys
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import ConfigError, atomic_write, check, check_list, get_device, seed_everything, settings
-from .data import DATASETS, DataNotFoundError, Loader, dataset_info, default_augment, load_arrays
-from .evaluate import SUITES, Report, evaluate
-from .learner import (SCHEDULES, AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, ProgressCB, Schedule,
-                                     StepLogCB, RUN_ONLY_KEYS, TrainingDiverged, check_amp, load_checkpoint)
-from .afa import AFA, OAT, OAT_LAMBDAS, AFAModel, AFAStage2, BranchView, check_xi, default_xi, oat_model
-from .dynat import DYNAT, dynat_objective
-from .f2at import ABLATIONS as F2AT_ABLATIONS, F2AT, load_estimators, pretrain_estimators, save_estimators
-from .hfat import HFAT
+from .core import ConfigError, atomic_write, check, get_device, seed_everything
+from .data import Loader, default_augment, load_arrays
+from .evaluate import Report, evaluate
 from .hiders import HiderTracker
-from .probes import AFAProbeCB, F2ATProbeCB, mechanism_flags
-from .methods import AWP, LBGAT, SEAT, Standard
-from functools import partial
-from .models import ARCHS, KNOWN_ARCHS, _WRN, MultiBN, create_model
-from .objectives import OBJECTIVES, make_objective
+from .learner import (AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, ProgressCB, Schedule, StepLogCB,
+                                     RUN_ONLY_KEYS, TrainingDiverged)
+from .methods import METHODS, PROBES
+from .objectives import OBJECTIVES
+from .registry import PRESETS, import_plugins
+from .runs import (DATASET_EPS, RUN_DIR_FILE_ENV, RUN_SETTINGS, Run, RunSettings, apply_preset, build_method,
+                                  build_model, build_objective, component_params, context, flat_config, group_config, is_grouped, known_names,
+                                  preset_table, resolve_config, run_components, schema, unknown_names_error)
+from .probes import mechanism_flags
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'METHOD_NAMES', 'PRESETS', 'PRESET_METHOD', 'F2AT_LOGITS_UNSTABLE',
-           'PIPELINES', 'PIPELINE_NAMES', 'unknown_names_error', 'apply_preset', 'resolve_config', 'build_model',
-           'rice_code', 'build_objective', 'build_method', 'Run', 'run_or_tiny', 'scale_note', 'TrainResult',
-           'stored_config', 'run_state', 'method_probes', 'worker_train', 'train', 'pipeline_values', 'speaking',
-           'pipeline_params', 'run_pipeline_notebook', 'run_pipeline', 'notebook_parameters', 'main', 'cli_train']
-
-# %% ../nbs/08_train.ipynb #9cf30c07
-DEFAULTS = dict(
-    # what to train
-    method='standard', objective=None, dataset='digits', arch='small_cnn', width=None,
-    # how the released code bases differ (the `-code` presets set these): input normalisation inside the model, the crop's
-    # padding mode, clipping the TRADES-style random start, and the code's extra forward passes (see `code_forwards` below)
-    normalize=True, pad_mode='constant', clip_start=True, code_forwards=False,
-    # optimisation
-    epochs=3, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False,
-    schedule='piecewise', milestones=None, lr_factors=None,
-    # threat model of the training attack (None: the objective's defaults, radius per dataset)
-    eps=None, alpha=None, steps=None, bn_mode=None,
-    # objective and method hyperparameters (None: paper/code defaults)
-    beta=None, awp_gamma=None, awp_warmup=None, seat_decay=0.999, natural_arch=None,
-    helper=None, helper_epochs=None, hat_h=2.0, hat_gamma=0.5, gairat_lambda=-1.0, gairat_begin=None,
-    mail_form='at', mail_bias=None, mail_slope=None, mail_burn_in=None, iat_alpha=1.0,
-    # HFAT (code defaults: the released training script's values)
-    hfat_eps_s=7/255, hfat_alpha_s=7/255, hfat_steps_s=7, hfat_r_mean=0.4, hfat_r_std=0.001, hfat_noise=0.01/255,
-    hfat_lt=1.5, hfat_gamma=0.01, hfat_weighting='code', hfat_beta_r=0.0, hfat_beta_u=1.0, hfat_lambda_a=None, hfat_awp=False,
-    # DYNAT (code defaults; the target's loss is `objective`: pgdat, gairat or mail)
-    guide_arch=None, dynat_inner='dynamic', dynat_lambda=1.0, dynat_awp=False, dynat_guide_mode='train', dynat_label_smoothing=0.2,
-    # AFA (Stage I: K-branch BN training; Stage II: the weight generator on a frozen Stage I backbone) and OAT
-    afa_K=5, afa_xi=None, afa_stage=1, afa_from=None, afa_placement='stem', afa_clean_prob=0.2, afa_attack_steps=7,
-    afa_samples='fused',
-    oat_eval_lambda=1.0,
-    # F²AT (paper defaults; estimators pre-trained on a PGD-AT source model unless given)
-    f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0, f2at_tau=0.07, f2at_v=0.995, f2at_margin='soft', f2at_ablation=None,
-    f2at_source='features', f2at_mode='frozen', f2at_estimators=None, f2at_source_run=None, f2at_source_epochs=None,
-    f2at_est_epochs=25, f2at_units=2048, f2at_est_batch=400, f2at_nat_bn='batch', f2at_alpha_warmup=0, f2at_est_lr=1e-3,
-    # mechanism probes (AFA Stage II, F²AT): measured every `probe_every` epochs on the first `probe_n` test points
-    probes=True, probe_n=256, probe_every=1,
-    # hider tracking (any method): full per-epoch tracking, or (default) the end-of-run ratio only
-    hiders=False, hider_n=200, hider_intervals=None, hider_positions=False, keep_epochs=None,
-    # data, evaluation, reporting
-    seed=0, n_train=None, n_eval=200, eval_every=1, suite='monitor', n_report=None, report_best=False, best_after=0, patience=None,
-    # machine, processes and run folder
-    device='cpu', channels_last=True, amp=None, compile=False, progress=True, nonfinite='stop',
-    nproc=1, sync_bn=False, backend=None,
-    run_name=None, runs_dir=None, resume=False, checkpoint_every=None, preset=None,
-)
-
-RUN_DIR_FILE_ENV = 'RBLAB_RUN_DIR_FILE'  # train() writes its run folder here: how run_pipeline finds it
-DATASET_EPS = dict(cifar10=8/255, cifar100=8/255, svhn=8/255, tinyimagenet=8/255, fashionmnist=0.1, digits=0.1)
-METHOD_NAMES = ('standard', 'awp', 'seat', 'lbgat', 'hfat', 'dynat', 'afa', 'oat', 'f2at')
-
-# %% ../nbs/08_train.ipynb #bda5d297
-_C10 = dict(dataset='cifar10', n_train=None, n_eval=1000, suite='monitor')
-_RAW = dict(normalize=False, clip_start=False)  # TRADES-family code: raw [0, 1] pixels, the unclipped x + 0.001·N(0, I) start
-_RICE = dict(normalize=True, pad_mode='reflect', code_forwards=True, bn_mode='train')  # the Rice et al. code base
-_HFAT_PROTOCOL = dict(arch='preact_resnet18', epochs=200, lr=0.1, weight_decay=5e-4, eps=8/255, alpha=2/255, steps=10)
-PRESETS = {
-    # the four papers
-    'hfat-code': dict(_C10, **_RICE, **_HFAT_PROTOCOL, method='hfat', objective='pgdat', schedule='piecewise', hfat_steps_s=7,
-                      hfat_weighting='code', best_after=81, report_best=True, n_eval=10000, seed=42),
-    'hfat-paper': dict(_C10, **_HFAT_PROTOCOL, method='hfat', objective='pgdat', schedule='multistep', milestones=[0.5, 0.75],
-                       hfat_steps_s=5, hfat_weighting='paper', best_after=81, report_best=True),
-    'dynat-code': dict(_C10, **_RAW, code_forwards=True, method='dynat', objective='pgdat', arch='wrn-34-10', guide_arch='resnet18_s1',
-                       dynat_inner='dynamic', epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10, seed=2022),
-    'dynat-paper': dict(_C10, method='dynat', objective='pgdat', arch='wrn-34-10', guide_arch='resnet18', dynat_inner='trades',
-                        epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=2/255, steps=10, seed=2022),
-    'afa-paper': dict(_C10, method='afa', arch='wrn-28-10', objective='pgdat', afa_K=5, epochs=100, lr=0.1, weight_decay=5e-4,
-                      schedule='multistep', milestones=[0.75, 0.9], eps=8/255,
-                      afa_stage2=dict(epochs=20, lr=0.01, schedule='multistep', milestones=[0.5], lr_factors=[0.1])),
-    'f2at-paper': dict(_C10, method='f2at', arch='resnet18', epochs=100, lr=0.1, weight_decay=2e-4, schedule='multistep',
-                       milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=10, f2at_K=2, f2at_alpha=0.1, f2at_gamma=1.0,
-                       f2at_tau=0.07, f2at_v=0.995, f2at_units=2048, f2at_est_epochs=25),
-    # the baselines' released code
-    'trades-code': dict(_C10, **_RAW, code_forwards=True, objective='trades', arch='wrn-34-10', beta=6.0, epochs=76, lr=0.1,
-                        weight_decay=2e-4, schedule='multistep', milestones=[74/76], eps=0.031, alpha=0.007, steps=10),
-    'mart-code': dict(_C10, **_RAW, objective='mart', arch='resnet18', beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3,
-                      schedule='multistep', milestones=[74/120, 89/120, 99/120], lr_factors=[0.1, 0.01, 0.001], eps=0.031,
-                      alpha=0.007, steps=10),
-    'awp-code': dict(_C10, **_RICE, **_HFAT_PROTOCOL, method='awp', objective='pgdat', schedule='piecewise', awp_gamma=0.01, awp_warmup=0),
-    'trades-awp-code': dict(_C10, **_RAW, code_forwards=True, method='awp', objective='trades', arch='wrn-34-10', beta=6.0, epochs=200,
-                            lr=0.1, weight_decay=5e-4, schedule='multistep', milestones=[99/200, 149/200], eps=8/255, alpha=2/255,
-                            steps=10, awp_gamma=0.005, awp_warmup=9),
-    'lbgat-code': dict(_C10, **_RAW, dataset='cifar100', method='lbgat', arch='wrn-34-10', natural_arch='resnet18_s1', beta=0.0,
-                       epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10),
-    'gairat-code': dict(_C10, normalize=False, objective='gairat', arch='resnet18', epochs=120, lr=0.1, weight_decay=2e-4,
-                        schedule='multistep', milestones=[59/120, 89/120, 109/120], lr_factors=[0.1, 0.01, 0.005], eps=0.031,
-                        alpha=0.007, steps=10, gairat_lambda=-1.0, gairat_begin=60),
-    'mail-code': dict(_C10, **_RAW, objective='mail', mail_form='at', mail_bias=-0.5, mail_slope=10.0, mail_burn_in=76,
-                      arch='resnet18', beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3, schedule='multistep',
-                      milestones=[75/120, 90/120, 100/120], lr_factors=[0.1, 0.01, 0.001], eps=0.031, alpha=0.007, steps=10),
-    'seat-code': dict(_C10, normalize=False, method='seat', objective='pgdat', arch='resnet18', epochs=120, lr=0.01,
-                      weight_decay=3.5e-3, schedule='linear_epoch', eps=0.031, alpha=0.007, steps=10),
-    'help-code': dict(_C10, **_RAW, objective='help', arch='resnet18', beta=2.5, hat_gamma=0.5, hat_h=2.0, epochs=50, helper_epochs=50,
-                      lr=0.21, nesterov=True, weight_decay=5e-4, schedule='onecycle', eps=8/255, alpha=2/255, steps=10),
-    'oat-code': dict(_C10, method='oat', arch='resnet34', epochs=200, lr=0.1, weight_decay=5e-4, schedule='cosine_epoch', eps=8/255, steps=7),
-    'iat-paper': dict(_C10, objective='iat', arch='resnet18', iat_alpha=1.0, epochs=200, lr=0.1, weight_decay=2e-4,
-                      schedule='multistep', milestones=[0.5, 0.75], eps=8/255, alpha=2/255, steps=7),
-    # protocols: the method is yours
-    'hfat-protocol': dict(_C10, **_HFAT_PROTOCOL, schedule='multistep', milestones=[0.5, 0.75], best_after=81, report_best=True),
-    'rice-protocol': dict(_C10, **_RICE, **_HFAT_PROTOCOL, schedule='piecewise', best_after=81, report_best=True),
-    'dynat-protocol': dict(_C10, arch='wrn-34-10', epochs=100, lr=0.1, weight_decay=2e-4, schedule='lbgat', eps=0.031, alpha=0.007, steps=10),
-    'afa-protocol': dict(_C10, arch='wrn-28-10', epochs=100, lr=0.1, weight_decay=5e-4, schedule='multistep', milestones=[0.75, 0.9], eps=8/255),
-    'f2at-protocol': dict(_C10, arch='resnet18', epochs=100, lr=0.1, weight_decay=2e-4, schedule='multistep', milestones=[0.5, 0.75],
-                          eps=8/255, alpha=2/255, steps=10),
-}
-PRESET_METHOD = {name: p.get('method', p.get('objective')) for name, p in PRESETS.items()}  # None: a protocol
-
-# %% ../nbs/08_train.ipynb #fdb4d552
-_RUN_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$')
-
-
-def _check_processes(c:dict, device:torch.device):
-    "nproc, sync_bn and backend: refused before any process starts, with what is allowed."
-    from robustbench_lab import distributed
-    if distributed.launched():  # a process of a group (torchrun / train(nproc=N)): the group's size is the truth
-        world = int(os.environ['WORLD_SIZE'])
-        if c['nproc'] not in (1, world):
-            raise ConfigError(f"nproc = {c['nproc']}: this process belongs to a group of {world} (WORLD_SIZE); leave nproc at 1 or set it to {world}")
-        c['nproc'] = world
-    nproc = check('nproc', c['nproc'], int, lo=1)
-    if device.type == 'cuda' and nproc > torch.cuda.device_count() and not distributed.launched():
-        raise ConfigError(f'nproc = {nproc}: only {torch.cuda.device_count()} CUDA device(s) here (one process per GPU)')
-    check('backend', c['backend'], str, choices=distributed.BACKENDS, allow_none=True)
-    if c['backend'] == 'nccl' and device.type != 'cuda': raise ConfigError("backend = 'nccl' needs device='cuda' (use 'gloo' on CPU)")
-    c['backend'] = c['backend'] or distributed.default_backend(device)
-    if nproc > 1 and c['batch_size'] % nproc:
-        raise ConfigError(f"batch_size = {c['batch_size']}: the global batch must split evenly over nproc = {nproc} processes")
-    if c['sync_bn'] and nproc > 1:
-        with torch.device('meta'): net = build_model(c)
-        if not distributed.has_batchnorm(net): raise ConfigError(f"sync_bn = True: arch {c['arch']!r} has no BatchNorm layer to synchronise")
-
-
-def _check_arch(name, key='arch'):
-    check(key, name, str)
-    if name not in ARCHS and not _WRN.match(name): raise ConfigError(f'{key} = {name!r}: expected one of {", ".join(KNOWN_ARCHS)}')
-
-
-def unknown_names_error(unknown, known, what:str='parameter') -> ConfigError:
-    "One `ConfigError` listing unknown names, each with the closest known name."
-    import difflib
-    parts = []
-    for u in sorted(unknown):
-        near = [k for k in known if k.lower() == str(u).lower()] or difflib.get_close_matches(str(u), list(known), n=1, cutoff=0.6)
-        parts.append(f'{u!r}' + (f' (did you mean {near[0]!r}?)' if near else ''))
-    return ConfigError(f"unknown {what}{'s' if len(parts) > 1 else ''} {', '.join(parts)}; known: {', '.join(sorted(known))}")
-
-
-def apply_preset(params:dict) -> dict:
-    "Defaults, then the preset (and its Stage II recipe for AFA Stage II), then every explicit parameter: explicit values always win."
-    preset = check('preset', params.get('preset'), str, choices=PRESETS, allow_none=True)
-    cfg = dict(DEFAULTS)
-    if preset:
-        recipe = {k: v for k, v in PRESETS[preset].items() if k != 'afa_stage2'}
-        cfg.update(recipe)
-        merged = {**cfg, **params}
-        if 'afa_stage2' in PRESETS[preset] and merged.get('method') == 'afa' and merged.get('afa_stage') == 2:
-            cfg.update(PRESETS[preset]['afa_stage2'])
-    cfg.update(params)
-    return cfg
-
-# %% ../nbs/08_train.ipynb #62433627
-def _check_model_and_training(c:dict):
-    "Method, objective, data set, architecture, optimiser, schedule and attack budget."
-    check('method', c['method'], str, choices=METHOD_NAMES)
-    if c['method'] == 'lbgat':
-        if c['objective'] not in (None, 'trades'):
-            raise ConfigError(f"objective = {c['objective']!r}: method 'lbgat' defines its own loss (TRADES inner); leave objective unset")
-        c['objective'] = None
-    else:
-        c['objective'] = check('objective', c['objective'] or 'pgdat', str, choices=OBJECTIVES)
-    check('dataset', c['dataset'], str, choices=DATASETS)
-    _check_arch(c['arch'])
-    if c['arch'] == 'vgg16' and dataset_info(c['dataset']).size < 32:
-        raise ConfigError(f"arch = 'vgg16' needs images of at least 32×32; dataset {c['dataset']!r} has {dataset_info(c['dataset']).size}")
-    check('width', c['width'], int, lo=1, allow_none=True)
-    if c['width'] is not None and c['arch'] != 'small_cnn': raise ConfigError(f"width = {c['width']}: only arch='small_cnn' takes a width")
-    for k, lo in [('epochs', 1), ('batch_size', 1), ('eval_every', 1), ('n_eval', 1)]: check(k, c[k], int, lo=lo)
-    check('lr', c['lr'], float, lo=0, lo_open=True); check('momentum', c['momentum'], float, lo=0, hi=1, hi_open=True)
-    check('weight_decay', c['weight_decay'], float, lo=0); check('nesterov', c['nesterov'], bool)
-    check('schedule', c['schedule'], str, choices=SCHEDULES)
-    if c['milestones'] is not None: c['milestones'] = check_list('milestones', c['milestones'], float, lo=0, hi=1, increasing=True)
-    if c['lr_factors'] is not None: c['lr_factors'] = check_list('lr_factors', c['lr_factors'], float, lo=0)
-    Schedule(c['schedule'], float(c['lr']), c['epochs'], c['milestones'], c['lr_factors'])
-    c['eps'] = check('eps', DATASET_EPS[c['dataset']] if c['eps'] is None else c['eps'], float, lo=0, hi=1)
-    if c['alpha'] is not None: check('alpha', c['alpha'], float, lo=0, lo_open=True)
-    check('steps', c['steps'], int, lo=1, allow_none=True)
-    check('bn_mode', c['bn_mode'], str, choices=['eval', 'train'], allow_none=True)
-
-# %% ../nbs/08_train.ipynb #c8cd779c
-def _check_baselines(c:dict):
-    "The baselines' own settings (AWP, SEAT, LBGAT, HELP, GAIRAT, MAIL, IAT)."
-    for k in ('beta', 'awp_gamma'): check(k, c[k], float, lo=0, allow_none=True)
-    check('awp_warmup', c['awp_warmup'], int, lo=0, allow_none=True); check('seat_decay', c['seat_decay'], float, lo=0, hi=1)
-    if c['natural_arch'] is not None: _check_arch(c['natural_arch'], 'natural_arch')
-    check('helper', c['helper'], str, allow_none=True); check('helper_epochs', c['helper_epochs'], int, lo=1, allow_none=True)
-    check('hat_h', c['hat_h'], float, lo=1); check('hat_gamma', c['hat_gamma'], float, lo=0)
-    check('gairat_lambda', c['gairat_lambda'], float); check('gairat_begin', c['gairat_begin'], int, lo=0, allow_none=True)
-    check('mail_form', c['mail_form'], str, choices=['at', 'trades'])
-    check('mail_bias', c['mail_bias'], float, allow_none=True); check('mail_slope', c['mail_slope'], float, lo=0, allow_none=True)
-    check('mail_burn_in', c['mail_burn_in'], int, lo=0, allow_none=True); check('iat_alpha', c['iat_alpha'], float, lo=0, lo_open=True)
-
-# %% ../nbs/08_train.ipynb #60c69a44
-def _check_hfat_dynat(c:dict):
-    "HFAT's and DYNAT's settings."
-    check('hfat_eps_s', c['hfat_eps_s'], float, lo=0, hi=1); check('hfat_alpha_s', c['hfat_alpha_s'], float, lo=0)
-    check('hfat_steps_s', c['hfat_steps_s'], int, lo=1); check('hfat_r_mean', c['hfat_r_mean'], float)
-    for k in ('hfat_r_std', 'hfat_noise', 'hfat_lt', 'hfat_gamma'): check(k, c[k], float, lo=0)
-    check('hfat_weighting', c['hfat_weighting'], str, choices=['code', 'paper', 'static'])
-    check('hfat_beta_r', c['hfat_beta_r'], float); check('hfat_beta_u', c['hfat_beta_u'], float)
-    check('hfat_lambda_a', c['hfat_lambda_a'], float, lo=0, allow_none=True); check('hfat_awp', c['hfat_awp'], bool)
-    if c['hfat_weighting'] == 'static' and c['hfat_lambda_a'] is None:
-        raise ConfigError("hfat_lambda_a = None: hfat_weighting='static' needs the static weight λ_A (w_A = λ_A/(1 + λ_A))")
-    if c['guide_arch'] is not None: _check_arch(c['guide_arch'], 'guide_arch')
-    check('dynat_inner', c['dynat_inner'], str, choices=['trades', 'dynamic', 'label']); check('dynat_lambda', c['dynat_lambda'], float, lo=0)
-    check('dynat_awp', c['dynat_awp'], bool); check('dynat_guide_mode', c['dynat_guide_mode'], str, choices=['train', 'eval'])
-    check('dynat_label_smoothing', c['dynat_label_smoothing'], float, lo=0, hi=1, hi_open=True)
-    if c['method'] == 'dynat' and c['objective'] not in ('pgdat', 'gairat', 'mail'):
-        raise ConfigError(f"objective = {c['objective']!r}: method 'dynat' trains its target with 'pgdat', 'gairat' or 'mail' (MAIL-AT)")
-
-# %% ../nbs/08_train.ipynb #dee1c9ea
-def _check_afa_f2at(c:dict):
-    "AFA's, OAT's and F²AT's settings, and the runs they start from."
-    check('afa_K', c['afa_K'], int, lo=2)
-    if c['afa_xi'] is not None: c['afa_xi'] = check_xi(c['afa_xi'], c['afa_K'])
-    check('afa_stage', c['afa_stage'], int, choices=[1, 2]); check('afa_from', c['afa_from'], str, allow_none=True)
-    check('afa_placement', c['afa_placement'], str, choices=['stem', 'per_layer'])
-    check('afa_clean_prob', c['afa_clean_prob'], float, lo=0, hi=1); check('afa_attack_steps', c['afa_attack_steps'], int, lo=1)
-    check('afa_samples', c['afa_samples'], str, choices=['fused', 'strong_branch'])
-    check('oat_eval_lambda', c['oat_eval_lambda'], float, choices=OAT_LAMBDAS)
-    if c['method'] == 'afa' and c['afa_stage'] == 1 and c['objective'] not in ('pgdat', 'trades', 'mart', 'iat'):
-        raise ConfigError(f"objective = {c['objective']!r}: AFA's base objective is one of 'pgdat', 'trades', 'mart', 'iat'")
-    if c['method'] == 'afa' and c['afa_from'] is not None:
-        try: s1 = Run.load(c['afa_from'])
-        except FileNotFoundError: raise ConfigError(f"afa_from = {c['afa_from']!r}: no Stage I run folder") from None
-        if s1.config.get('method') != 'afa' or s1.config.get('afa_stage') != 1 or s1.config['afa_K'] != c['afa_K']:
-            raise ConfigError(f"afa_from = {c['afa_from']!r}: expected a Stage I AFA run with afa_K = {c['afa_K']}")
-        if s1.config['arch'] != c['arch'] or s1.config['dataset'] != c['dataset']:
-            raise ConfigError(f"afa_from = {c['afa_from']!r}: Stage I used arch {s1.config['arch']!r} on {s1.config['dataset']!r}")
-    check('f2at_K', c['f2at_K'], int, lo=1, hi=8)
-    for k in ('f2at_alpha', 'f2at_gamma'): check(k, c[k], float, lo=0)
-    for k in ('f2at_tau', 'f2at_v'): check(k, c[k], float, lo=0, lo_open=True)
-    check('f2at_margin', c['f2at_margin'], str, choices=['soft', 'hard'])
-    check('f2at_ablation', c['f2at_ablation'], str, choices=[a for a in F2AT_ABLATIONS if a], allow_none=True)
-    check('f2at_source', c['f2at_source'], str, choices=['features', 'logits']); check('f2at_mode', c['f2at_mode'], str, choices=['frozen', 'online', 'target'])
-    check('f2at_estimators', c['f2at_estimators'], str, allow_none=True); check('f2at_source_run', c['f2at_source_run'], str, allow_none=True)
-    if c['f2at_estimators'] is not None and not Path(c['f2at_estimators']).is_file():
-        raise ConfigError(f"f2at_estimators = {c['f2at_estimators']!r}: no such file")
-    if c['f2at_source_run'] is not None:
-        try: Run.load(c['f2at_source_run'])
-        except FileNotFoundError: raise ConfigError(f"f2at_source_run = {c['f2at_source_run']!r}: no such run") from None
-    check('f2at_source_epochs', c['f2at_source_epochs'], int, lo=1, allow_none=True)
-    check('f2at_nat_bn', c['f2at_nat_bn'], str, choices=['batch', 'update']); check('f2at_alpha_warmup', c['f2at_alpha_warmup'], int, lo=0)
-    check('f2at_est_lr', c['f2at_est_lr'], float, lo=0, lo_open=True)
-    if c['method'] == 'f2at' and c['f2at_source'] == 'logits': warnings.warn(F2AT_LOGITS_UNSTABLE, stacklevel=3)
-    for k in ('f2at_est_epochs', 'f2at_units', 'f2at_est_batch'): check(k, c[k], int, lo=2)
-
-# %% ../nbs/08_train.ipynb #28152118
-def _check_run_settings(c:dict):
-    "Hiders, evaluation, device, processes, precision, run name and folder."
-    check('hiders', c['hiders'], bool); check('hider_n', c['hider_n'], int, lo=1); check('hider_positions', c['hider_positions'], bool)
-    if c['hider_positions'] and not c['hiders']:
-        raise ConfigError('hider_positions = True: the worst-case hider positions are recorded by the hider tracker; set hiders=True as well')
-    if c['hider_intervals'] is not None: c['hider_intervals'] = check_list('hider_intervals', c['hider_intervals'], int, lo=1, min_length=1)
-    check('keep_epochs', c['keep_epochs'], int, lo=1, allow_none=True)
-    check('seed', c['seed'], int, lo=0); check('n_train', c['n_train'], int, lo=1, allow_none=True)
-    check('suite', c['suite'], str, choices=SUITES); check('n_report', c['n_report'], int, lo=1, allow_none=True)
-    check('best_after', c['best_after'], int, lo=0); check('patience', c['patience'], int, lo=1, allow_none=True)
-    check('device', c['device'], str); device = get_device(c['device'])
-    for k in ('channels_last', 'progress', 'report_best', 'normalize', 'clip_start', 'code_forwards', 'probes', 'sync_bn'): check(k, c[k], bool)
-    if not isinstance(c['compile'], (bool, str)): raise ConfigError(f"compile = {c['compile']!r}: expected True, False or a torch.compile backend name")
-    if c['resume'] not in (True, False, 'auto'): raise ConfigError(f"resume = {c['resume']!r}: expected True (continue the run; it must exist), False or 'auto' (continue it if it exists)")
-    check('pad_mode', c['pad_mode'], str, choices=['constant', 'reflect']); check('nonfinite', c['nonfinite'], str, choices=['stop', 'skip'])
-    check('probe_n', c['probe_n'], int, lo=2); check('probe_every', c['probe_every'], int, lo=1)
-    _check_processes(c, device)
-    check_amp(c['amp'], device)
-    check('checkpoint_every', c['checkpoint_every'], int, lo=1, allow_none=True)
-    if c['run_name'] is None:
-        c['run_name'] = f"{c['method']}-{c['objective'] or 'lbgat'}-{c['dataset']}-{c['arch']}-s{c['seed']}"
-    if not isinstance(c['run_name'], str) or not _RUN_NAME.match(c['run_name']):
-        raise ConfigError(f"run_name = {c['run_name']!r}: expected letters, digits, '.', '_' or '-' (at most 100, not starting with . _ -)")
-    check('runs_dir', c['runs_dir'], str if not isinstance(c['runs_dir'], Path) else Path, allow_none=True)
-    c['runs_dir'] = str(settings(runs_dir=c['runs_dir']).runs_dir)
-    if c['objective'] == 'help' and c['helper'] is not None and not Path(c['helper']).exists():
-        raise ConfigError(f"helper = {c['helper']!r}: no such run folder or checkpoint")
-
-# %% ../nbs/08_train.ipynb #5353ce17
-def _check_data(c:dict):
-    "The data set exists here and holds what n_train, n_eval and the process count ask for."
-    for split in ('train', 'test'):
-        try: n_avail = len(load_arrays(c['dataset'], split)[1])
-        except DataNotFoundError as e: raise ConfigError(f"dataset = {c['dataset']!r}: {e}") from None
-        if split == 'train' and c['n_train'] is not None and c['n_train'] > n_avail:
-            raise ConfigError(f"n_train = {c['n_train']}: the {c['dataset']} training set has {n_avail} images")
-        if split == 'train':
-            # every process holds rows of every batch; F²AT's in-batch MI bound needs two of them (a contrast with another row)
-            f2at = c['method'] == 'f2at' and c['f2at_alpha'] > 0 and c['f2at_ablation'] not in ('no_patterns', 'no_pd')  # the MI bound in use
-            least = (2 if f2at else 1)*c['nproc']
-            need = (f"F²AT's in-batch MI bound needs at least 2 per process, {least} for nproc = {c['nproc']}" if f2at else
-                    f"fewer than the nproc = {c['nproc']} processes")
-            if f2at and c['batch_size'] < least: raise ConfigError(f"batch_size = {c['batch_size']}: {need}")
-            tail = (c['n_train'] or n_avail) % c['batch_size']
-            if 0 < tail < least:
-                raise ConfigError(f"n_train = {c['n_train'] or n_avail}: the last batch would hold {tail} image(s); {need} "
-                                  f"(choose n_train or batch_size so that it holds 0 or at least {least})")
-        if split == 'test':
-            c['n_eval'] = min(c['n_eval'], n_avail)
-            c['n_report'] = min(c['n_report'] or settings().eval_n, n_avail)
-
-# %% ../nbs/08_train.ipynb #051457a8
-def resolve_config(**params) -> dict:
-    "Validate `params` (with preset and defaults applied) and return the full configuration; raises `ConfigError`."
-    unknown = set(params) - set(DEFAULTS)
-    if unknown: raise unknown_names_error(unknown, DEFAULTS)
-    c = apply_preset(params)
-    for k, v in c.items():  # no NaN or infinity anywhere (a `-p lr inf` must not train)
-        if isinstance(v, float) and not math.isfinite(v): check(k, v, float)
-    _check_model_and_training(c)
-    _check_baselines(c)
-    _check_hfat_dynat(c)
-    _check_afa_f2at(c)
-    _check_run_settings(c)
-    _check_data(c)
-    return c
-
-# %% ../nbs/08_train.ipynb #79d9eebb
-def build_model(cfg:dict, arch:str|None=None, stage1_state:dict|None=None) -> nn.Module:
-    "The network named by the configuration (or `arch`), freshly initialised (AFA Stage II: on `stage1_state`)."
-    arch = arch or cfg['arch']
-    kw = dict(width=cfg['width']) if cfg.get('width') and arch == 'small_cnn' else {}
-    kw['normalize'] = cfg.get('normalize', True)
-    if arch == cfg['arch'] and cfg.get('method') == 'oat': return oat_model(arch, cfg['dataset'], **kw)
-    if arch == cfg['arch'] and cfg.get('method') == 'afa':
-        backbone = create_model(arch, cfg['dataset'], norm_layer=partial(MultiBN, K=cfg['afa_K']), **kw)
-        if cfg['afa_stage'] == 1: return backbone
-        if stage1_state is not None: backbone.load_state_dict(stage1_state)
-        return AFAModel(backbone, cfg['afa_placement'])
-    return create_model(arch, cfg['dataset'], **kw)
-
-
-def _attack_kw(cfg):
-    return {k: cfg[k] for k in ('eps', 'alpha', 'steps') if cfg[k] is not None}
-
-
-def rice_code(cfg:dict) -> bool:
-    "Is this the Rice et al. code base (HFAT, AT-AWP, its PGD-AT) with `code_forwards`: train-mode attacks and `attack_pgd`'s forwards?"
-    return bool(cfg.get('code_forwards')) and cfg['objective'] == 'pgdat' and (
-        cfg['method'] == 'hfat' or (cfg['method'] in ('standard', 'awp') and cfg.get('bn_mode') == 'train'))
-
-
-def build_objective(cfg:dict, helper:nn.Module|None=None):
-    "The objective of the configuration."
-    name = cfg['objective']
-    kw = dict(_attack_kw(cfg), bn_mode=cfg['bn_mode'])
-    if name == 'clean': return make_objective('clean')
-    if name in ('trades', 'mart', 'help', 'mail'): kw['clip_start'] = cfg['clip_start']
-    if name == 'pgdat' and rice_code(cfg): kw['select_forward'] = True
-    if name == 'trades' and cfg['code_forwards']:  # TRADES code: clean, adv, clean; TRADES-AWP code: adv, clean, clean
-        kw['forwards'] = ('adv', 'clean', 'clean') if cfg['method'] == 'awp' else ('clean', 'adv', 'clean')
-    if name in ('trades', 'mart') and cfg['beta'] is not None: kw['beta'] = cfg['beta']
-    if name == 'help':
-        kw.update(helper=helper, h=cfg['hat_h'], gamma=cfg['hat_gamma'], **({'beta': cfg['beta']} if cfg['beta'] is not None else {}))
-    if name == 'gairat': kw.update(lam=cfg['gairat_lambda'], begin_epoch=cfg['gairat_begin'])
-    if name == 'mail':
-        kw.update(form=cfg['mail_form'], bias=cfg['mail_bias'], slope=cfg['mail_slope'], burn_in=cfg['mail_burn_in'])
-        if cfg['beta'] is not None: kw['beta'] = cfg['beta']
-    if name == 'iat': kw['alpha_mix'] = cfg['iat_alpha']
-    return make_objective(name, **kw)
-
-# %% ../nbs/08_train.ipynb #910b2039
-def build_method(cfg:dict, helper:nn.Module|None=None, estimators:tuple|None=None):
-    "The method (wrapping the objective) of the configuration."
-    if cfg['method'] == 'lbgat':
-        natural = build_model(cfg, cfg['natural_arch'] or cfg['arch'])
-        return LBGAT(natural, beta=cfg['beta'] or 0.0, clip_start=cfg['clip_start'], **_attack_kw(cfg))
-    if cfg['method'] == 'afa':
-        if cfg['afa_stage'] == 2:
-            return AFAStage2(eps=cfg['eps'], clean_prob=cfg['afa_clean_prob'], steps=cfg['steps'] or 10, alpha=cfg['alpha'],
-                             samples=cfg['afa_samples'])
-        return AFA(build_objective(cfg), K=cfg['afa_K'], xi=cfg['afa_xi'] or default_xi(cfg['afa_K'], cfg['eps']),
-                   attack_steps=cfg['afa_attack_steps'])
-    if cfg['method'] == 'f2at':
-        est_nat, est_pert, pretrain = estimators
-        return F2AT(est_nat, est_pert, K=cfg['f2at_K'], alpha=cfg['f2at_alpha'], gamma=cfg['f2at_gamma'], tau=cfg['f2at_tau'], v=cfg['f2at_v'],
-                    margin=cfg['f2at_margin'], ablation=cfg['f2at_ablation'], source=cfg['f2at_source'], mode=cfg['f2at_mode'],
-                    est_lr=cfg['f2at_est_lr'], nat_bn=cfg['f2at_nat_bn'], alpha_warmup=cfg['f2at_alpha_warmup'], pretrain=pretrain,
-                    pretrain_epoch=cfg['f2at_source_epochs'] or 1,
-                    eps=cfg['eps'], alpha_attack=cfg['alpha'] or cfg['eps']/4, steps=cfg['steps'] or 10)
-    if cfg['method'] == 'oat': return OAT(eps=cfg['eps'], steps=cfg['steps'] or 7, eval_lambda=cfg['oat_eval_lambda'])
-    if cfg['method'] == 'dynat':
-        guide = build_model(cfg, cfg['guide_arch'] or cfg['arch'])
-        eps, alpha, steps = cfg['eps'], cfg['alpha'] or 0.007*cfg['eps']/0.031, cfg['steps'] or 10
-        obj = dynat_objective(cfg['objective'], eps, alpha, steps, cfg['clip_start'], label_smoothing=cfg['dynat_label_smoothing'],
-                              begin_epoch=cfg['gairat_begin'], burn_in=cfg['mail_burn_in'])
-        # the code's repeated train-mode guide forwards: dynat.py one per attack step plus one, AWP_dynat.py two
-        passes = (steps + 1 if cfg['dynat_inner'] == 'dynamic' else 2) if cfg['code_forwards'] else 1
-        return DYNAT(guide, obj, inner=cfg['dynat_inner'], lam=cfg['dynat_lambda'], beta=cfg['beta'] or 0.0,
-                     awp_gamma=(cfg['awp_gamma'] or 0.005) if cfg['dynat_awp'] else None, awp_warmup=cfg['awp_warmup'],
-                     guide_train_mode=cfg['dynat_guide_mode'] == 'train', guide_bn_updates=passes, eps=eps, alpha=alpha,
-                     steps=steps, clip_start=cfg['clip_start'])
-    obj = build_objective(cfg, helper)
-    rice = dict(eval_first_batch=True, clean_forward_after_step=cfg['method'] != 'hfat') if rice_code(cfg) else {}
-    if cfg['method'] == 'awp': return AWP(obj, gamma=cfg['awp_gamma'], warmup=cfg['awp_warmup'], **rice)
-    if cfg['method'] == 'hfat':
-        lam = cfg['hfat_lambda_a']
-        awp_gamma = (cfg['awp_gamma'] or (0.01 if cfg['objective'] == 'pgdat' else 0.005)) if cfg['hfat_awp'] else None
-        return HFAT(obj, eps_s=cfg['hfat_eps_s'], alpha_s=cfg['hfat_alpha_s'], steps_s=cfg['hfat_steps_s'],
-                    r_mean=cfg['hfat_r_mean'], r_std=cfg['hfat_r_std'], noise_std=cfg['hfat_noise'], lt=cfg['hfat_lt'],
-                    gamma=cfg['hfat_gamma'], weighting=cfg['hfat_weighting'], beta_r=cfg['hfat_beta_r'], beta_u=cfg['hfat_beta_u'],
-                    static_weights=(1/(1 + lam), lam/(1 + lam)) if lam is not None else (0.1, 0.9), awp_gamma=awp_gamma,
-                    eval_first_batch=bool(rice))
-    if cfg['method'] == 'seat': return SEAT(obj, decay=cfg['seat_decay'])
-    return Standard(obj, **rice)
-
-# %% ../nbs/08_train.ipynb #42f7af22
-@dataclass
-class Run:
-    "A run folder: configuration, per-epoch metrics, final report, and a way to load its models."
-    dir: Path
-    config: dict
-    metrics: list = field(default_factory=list)
-    report: Report|None = None
-
-    @property
-    def name(self) -> str: return self.dir.name
-
-    @classmethod
-    def load(cls, name_or_path:str|Path, runs_dir:str|Path|None=None) -> 'Run':
-        "Open `runs/<name>` (or a path to a run folder)."
-        p = Path(name_or_path)
-        if not (p/'config.json').exists(): p = settings(runs_dir=runs_dir).runs_dir/str(name_or_path)
-        if not (p/'config.json').exists(): raise FileNotFoundError(f'{name_or_path}: no run folder with a config.json (looked in {p})')
-        metrics = [json.loads(l) for l in (p/'metrics.jsonl').read_text().splitlines()] if (p/'metrics.jsonl').exists() else []
-        report = Report.load(p/'report.json') if (p/'report.json').exists() else None
-        return cls(p, json.loads((p/'config.json').read_text()), metrics, report)
-
-    def checkpoint(self, which:str='last') -> dict:
-        "The raw checkpoint 'last' or 'best'."
-        return load_checkpoint(self.dir/'checkpoints'/f'{which}.pt')
-
-    def epochs_kept(self) -> list[int]:
-        "Epochs whose weights were kept (`keep_epochs`)."
-        return sorted(int(p.stem[1:]) for p in (self.dir/'checkpoints'/'epochs').glob('e*.pt'))
-
-    def model(self, which:str='last', device='cpu', epoch:int|None=None, raw:bool=False) -> nn.Module:
-        "The result model ('last'/'best' checkpoint or a kept `epoch`) as evaluated (SEAT's average, AFA Stage I's strongest branch, OAT at its λ); `raw`: the bare network."
-        state = (load_checkpoint(self.dir/'checkpoints'/'epochs'/f'e{epoch:03d}.pt')['model'] if epoch is not None else
-                 (lambda ck: ck['eval_model'] if ck.get('eval_model') is not None else ck['model'])(self.checkpoint(which)))
-        m = build_model(self.config)
-        m.load_state_dict(state)
-        m = m.to(device).eval()
-        c = self.config
-        if not raw and c.get('method') == 'afa' and c.get('afa_stage') == 1: return BranchView(m, c['afa_K'] - 1).eval()
-        if c.get('method') == 'oat': m.set_lambda(c['oat_eval_lambda'])
-        return m
-
-    def cached(self, key:str, # the computation and its parameters, e.g. 'pgd20-n500' (letters, digits, . _ - @)
-               fn:Callable, # computes it: a `Report`, or tensors/numbers/strings in lists and dicts
-              ):
-        "`fn()` once per run: kept in `<run>/cache/` (a `Report` as JSON) and read back after, until the run trains further."
-        if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._@-]{0,150}', key): raise ConfigError(f'key = {key!r}: letters, digits, . _ - @ only')
-        folder, last = self.dir/'cache', self.dir/'checkpoints'/'last.pt'
-        newest = last.stat().st_mtime if last.exists() else 0.0
-        for path, read in ((folder/f'{key}.report.json', Report.load), (folder/f'{key}.pt', lambda p: torch.load(p, weights_only=True))):
-            if path.exists() and path.stat().st_mtime >= newest: return read(path)
-        out = fn()
-        folder.mkdir(exist_ok=True)
-        if isinstance(out, Report): out.save(folder/f'{key}.report.json')
-        else:
-            with atomic_write(folder/f'{key}.pt') as f: torch.save(out, f)
-        return out
+__all__ = ['PIPELINE_FILE_ENV', 'run_or_tiny', 'scale_note', 'TrainResult', 'stored_config', 'run_state', 'method_probes',
+           'session_components', 'worker_train', 'train', 'parameters_cell', 'pipeline_defaults', 'pipeline_values',
+           'pipeline_names', 'speaking', 'pipeline_params', 'check_pipeline_names', 'run_pipeline_notebook',
+           'run_pipeline', 'notebook_parameters', 'main', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #3488dfaa
 def run_or_tiny(name:str|None, # the run to draw
@@ -533,71 +60,21 @@ def scale_note(*runs:Run) -> str:
             f"{c['epochs']} epochs, seed {c['seed']}")
 
 # %% ../nbs/08_train.ipynb #e50987dc
-def _helper_model(cfg, runs_dir, progress):
-    "HELP's standard-trained helper: a given run/checkpoint, or a clean run trained first (as the HAT code does)."
-    if cfg['helper'] is not None:
-        p = Path(cfg['helper'])
-        return Run.load(p).model() if p.is_dir() else _model_from_checkpoint(cfg, p)
-    sub = dict({k: cfg[k] for k in ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'nesterov',
-                                    'schedule', 'milestones', 'lr_factors', 'seed', 'n_train', 'n_eval', 'device', 'channels_last',
-                                    'normalize', 'pad_mode', 'nproc', 'sync_bn', 'backend')},
-               method='standard', objective='clean', epochs=cfg['helper_epochs'] or cfg['epochs'], suite='monitor',
-               n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.helper", runs_dir=runs_dir, resume='auto', progress=progress)
-    return train(**sub).net
-
-
-def _model_from_checkpoint(cfg, path):
-    ck = load_checkpoint(path)
-    m = build_model(cfg)
-    m.load_state_dict(ck['eval_model'] if ck.get('eval_model') is not None else ck['model'])
-    return m.eval()
-
-
-def _f2at_estimators(cfg, run_dir, device):
-    "F²AT's MI estimators and pre-training function: given, pre-trained here on a PGD-AT source model, or (mode 'target') later on the target."
-    x, y = load_arrays(cfg['dataset'], 'train')
-    if cfg['n_train'] is not None: x, y = x[:cfg['n_train']], y[:cfg['n_train']]
-    def pretrain_everywhere(model, epochs):
-        # every process pre-trains (the same seed and data): none waits for rank 0 past the group's timeout, as it would for the
-        # hour a paper-scale pre-training takes; rank 0's estimators then hold everywhere, should kernels round differently
-        en, ep, hist = pretrain_estimators(model, x, y, K=cfg['f2at_K'], eps=cfg['eps'], steps=cfg['steps'] or 10, units=cfg['f2at_units'],
-                                           source=cfg['f2at_source'], epochs=epochs, batch_size=cfg['f2at_est_batch'], seed=cfg['seed'],
-                                           progress=cfg['progress'] and distributed.is_main())
-        for e in (en, ep): distributed.broadcast_state_(e)
-        return en, ep, hist
-    def pretrain(model, dry=False): return pretrain_everywhere(model, 0 if dry else cfg['f2at_est_epochs'])[:2]
-    if cfg['f2at_mode'] == 'target' and cfg['f2at_estimators'] is None: return None, None, pretrain
-    path = run_dir/'estimators.pt'
-    if cfg['f2at_estimators'] is not None: path = Path(cfg['f2at_estimators'])
-    elif not distributed.gather_objects(path.exists())[0]:  # rank 0's view decides: pre-training is a collective
-        if cfg['f2at_source_run'] is not None: src = Run.load(cfg['f2at_source_run'])
-        else:
-            keys = ('dataset', 'arch', 'width', 'batch_size', 'lr', 'momentum', 'weight_decay', 'schedule', 'milestones', 'lr_factors',
-                    'eps', 'alpha', 'steps', 'seed', 'n_train', 'n_eval', 'device', 'channels_last', 'progress', 'normalize',
-                    'pad_mode', 'nproc', 'sync_bn', 'backend')
-            src = train(**{k: cfg[k] for k in keys}, method='standard', objective='pgdat', epochs=cfg['f2at_source_epochs'] or cfg['epochs'],
-                        suite='monitor', n_report=cfg['n_eval'], run_name=f"{cfg['run_name']}.source", runs_dir=cfg['runs_dir'], resume='auto')
-        en, ep, hist = pretrain_everywhere(src.model(device=device), cfg['f2at_est_epochs'])
-        if distributed.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=cfg['f2at_K'], source=cfg['f2at_source'])
-        return en, ep, pretrain
-    _check_shared(path)  # every process reads them
-    en, ep, meta = load_estimators(path)
-    if meta.get('K') not in (None, cfg['f2at_K']) or meta.get('source') not in (None, cfg['f2at_source']):
-        raise ConfigError(f"f2at_estimators: trained for K = {meta.get('K')} on {meta.get('source')!r}, not K = {cfg['f2at_K']} on {cfg['f2at_source']!r}")
-    return en, ep, pretrain
-
-
 @dataclass
 class TrainResult(Run):
     "A finished run with its trained (evaluation) model in memory as `net` (`model()` reloads it from the checkpoint)."
     net: nn.Module|None = None
 
-# %% ../nbs/08_train.ipynb #ffe4a215
+
 def stored_config(cfg:dict) -> dict:
-    "What `config.json` records: everything but how this call was made (resume, progress)."
-    return {k: v for k, v in cfg.items() if k not in ('resume', 'progress')}
+    "What config.json and the checkpoints record (by component): everything but how this call was made (resume, progress)."
+    return group_config(cfg)
+
+
+def _comparable(stored:dict) -> dict:
+    "A stored configuration in train()'s flat names and JSON values, without the settings a resume may change."
+    flat = json.loads(json.dumps(flat_config(stored)))
+    return {k: v for k, v in flat.items() if k not in RUN_ONLY_KEYS}
 
 
 def run_state(cfg:dict) -> tuple[Path, Path|None]:
@@ -611,14 +88,12 @@ def run_state(cfg:dict) -> tuple[Path, Path|None]:
     if run_dir.exists() and not cfg['resume']:
         raise ConfigError(f"run_name = {cfg['run_name']!r}: {run_dir} exists; pass resume=True (or 'auto') to continue it, or choose another name")
     if cfg['resume'] and (run_dir/'config.json').exists():
-        old, new = ({k: v for k, v in c.items() if k not in RUN_ONLY_KEYS} for c in (json.loads((run_dir/'config.json').read_text()), cfg))
-        # a setting added after the run was made did what its default does now: absent means default
-        old = {**{k: DEFAULTS[k] for k in new if k not in old and k in DEFAULTS}, **old}
+        old, new = _comparable(json.loads((run_dir/'config.json').read_text())), _comparable(stored_config(cfg))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff: raise ConfigError(f"resume: {run_dir} was created with different settings ({', '.join(diff)})")
     return run_dir, (last if cfg['resume'] and last.exists() else None)
 
-
+# %% ../nbs/08_train.ipynb #ffe4a215
 def _callbacks(cfg, run_dir, x, y, xt, yt) -> list:
     "The callbacks of a training run: monitoring, metrics, step logs, checkpoints, progress, hider ratios, accuracies, probes."
     cbs = [EvalCB(xt.float()/255, yt, n=cfg['n_eval'], eps=cfg['eps'], every=cfg['eval_every']),
@@ -631,20 +106,20 @@ def _callbacks(cfg, run_dir, x, y, xt, yt) -> list:
                         intervals=(cfg['hider_intervals'] or (1, 5, 20, 50)) if cfg['hiders'] else (1,),
                         scale=cfg['hiders'] and cfg['hider_intervals'] is None, only_last=not cfg['hiders'],
                         positions=cfg['hider_positions'])]
-    # clean accuracy on a fixed training subset for the result model, and on train and test for jointly trained models
+    # clean accuracy on a fixed training subset for the result model, and on train and test for the models trained with it
     cbs.append(AccuracyCB({'': lambda l: l.eval_model()}, {'train': (x, y)}, n=cfg['n_eval']))
-    if cfg['method'] in ('dynat', 'lbgat'):
-        name = 'guide' if cfg['method'] == 'dynat' else 'natural'
-        cbs.append(AccuracyCB({name: lambda l: l.extra[name]}, {'train': (x, y), 'test': (xt, yt)}, n=cfg['n_eval']))
+    for name in METHODS[cfg['method']].extra_models:
+        cbs.append(AccuracyCB({name: lambda l, name=name: l.extra[name]}, {'train': (x, y), 'test': (xt, yt)}, n=cfg['n_eval']))
     return cbs
 
-# %% ../nbs/08_train.ipynb #edd428c3
-F2AT_LOGITS_UNSTABLE = ("f2at_source = 'logits' is unstable: with the MI estimators on the logits, the small-scale CIFAR-10 comparison "
-                        "(experiments/f2at_cifar.py: small_cnn, 5,000 images, 8 epochs) collapsed to 10.0% clean accuracy, chance; "
-                        "the default estimator input is 'features'")
+
+def method_probes(cfg:dict, xt:torch.Tensor, yt:torch.Tensor) -> list:
+    "The mechanism probes registered for the configured method (AFA Stage II, F²AT), as callbacks, when `probes` is on."
+    factory = PROBES.get(cfg['method'])
+    return factory(cfg, xt, yt) if cfg['probes'] and factory else []
 
 
-def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device, stored) -> Report:
+def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device) -> Report:
     "The end-of-run `evaluate` of the result model (and of the best checkpoint), saved by rank 0; says why a run ended early."
     meta = dict(run=cfg['run_name'], arch=cfg['arch'], dataset=cfg['dataset'], method=cfg['method'], objective=cfg['objective'],
                 epochs=cfg['epochs'], train_images=n_train, checkpoint='last', recipe=cfg['preset'], nproc=cfg['nproc'])
@@ -657,42 +132,18 @@ def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device, stored) -> Repo
     last_rec = learn.history[-1] if learn.history else {}
     report.metrics.update({f'hider_ratio_{k}': last_rec[f'hider_{k}_d1'] for k in ('adv', 'nat') if f'hider_{k}_d1' in last_rec})
     report.metrics.update({k: v for k, v in last_rec.items() if k.startswith('probe_') and isinstance(v, (int, float))})
-    report.flags += mechanism_flags(last_rec)
-    if cfg['method'] == 'f2at' and cfg['f2at_source'] == 'logits':
-        report.flags.append(dict(code='f2at_logits_unstable', kind='mechanism', message=F2AT_LOGITS_UNSTABLE))
+    report.flags += mechanism_flags(last_rec) + METHODS[cfg['method']].report_flags(cfg)
     if distributed.is_main(): report.save(run_dir/'report.json')
     # rank 0's view of its own file decides for every process: the evaluation below is a collective
     if cfg['report_best'] and not learn.failure and distributed.gather_objects((run_dir/'checkpoints'/'best.pt').exists())[0]:
-        best = Run(run_dir, stored).model('best', device)
-        ck = load_checkpoint(run_dir/'checkpoints'/'best.pt')
+        best = Run(run_dir, cfg).model('best', device)
+        ck = Run(run_dir, cfg).checkpoint('best')
         rb = evaluate(best, xt, yt, cfg['suite'], n=cfg['n_report'], eps=cfg['eps'], seed=cfg['seed'],
                       meta=dict(report.meta, checkpoint='best', best_epoch=ck['epoch'] - 1))
         if distributed.is_main(): rb.save(run_dir/'report_best.json')
     return report
 
-# %% ../nbs/08_train.ipynb #b27e702c
-def method_probes(cfg:dict, xt:torch.Tensor, yt:torch.Tensor) -> list:
-    "The mechanism probes of the configured method, as callbacks (AFA Stage II, F²AT), when `probes` is on."
-    if not cfg['probes']: return []
-    n = min(cfg['probe_n'], len(xt))
-    if cfg['method'] == 'afa' and cfg['afa_stage'] == 2:
-        return [AFAProbeCB(xt[:n], yt[:n], eps_max=cfg['eps'], steps=cfg['steps'] or 10, every=cfg['probe_every'], seed=cfg['seed'])]
-    if cfg['method'] == 'f2at': return [F2ATProbeCB(xt[:n], yt[:n], every=cfg['probe_every'], seed=cfg['seed'])]
-    return []
-
 # %% ../nbs/08_train.ipynb #a80cea8a
-def _check_shared(path:Path, wait_s:float=30):
-    "Every process sees `path`, a file rank 0 sees: the run folder is on a filesystem all nodes share (resume, reports read it)."
-    if distributed.world_size() == 1: return
-    deadline = time.monotonic() + wait_s  # a network filesystem may show another node's new file a little later
-    while not (seen := path.exists()) and time.monotonic() < deadline: time.sleep(1)
-    seen = distributed.gather_objects(seen)
-    blind = [r for r, s in enumerate(seen) if not s]
-    if blind and seen[0]:  # (where rank 0 lacks it too, reading it fails with an error of its own)
-        raise ConfigError(f"runs_dir: process(es) {blind} do not see {path}, which rank 0 sees (waited {wait_s:g} s); put runs_dir "
-                          'on a filesystem every node shares (checkpoints, estimators and reports are read back from it)')
-
-
 def _train_here(cfg:dict) -> TrainResult:
     "Train in this process: alone, or as one process of a group (torchrun, or the workers `train(nproc=N)` starts)."
     if distributed.launched(): distributed.join_group(cfg['backend'])
@@ -704,14 +155,10 @@ def _train_here(cfg:dict) -> TrainResult:
     run_dir, resume_from, error = distributed.gather_objects(status)[0]
     if error: raise ConfigError(error)
     run_dir, stored = Path(run_dir), stored_config(cfg)
+    ctx = context(cfg, training=True, device=device, run_dir=run_dir, train=train)
     seed_everything(cfg['seed'])
-    # models the method needs first (HELP's helper, F²AT's estimators) may train runs of their own
-    helper = _helper_model(cfg, cfg['runs_dir'], cfg['progress']).to(device) if cfg['objective'] == 'help' else None
-    estimators = _f2at_estimators(cfg, run_dir, device) if cfg['method'] == 'f2at' else None
-    seed_everything(cfg['seed'])
-    stage1 = Run.load(cfg['afa_from']).checkpoint('last')['model'] if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 else None
-    model = build_model(cfg, stage1_state=stage1)
-    method = build_method(cfg, helper, estimators)
+    model = build_model(cfg, ctx=ctx)
+    method = build_method(cfg, ctx)
     x, y = load_arrays(cfg['dataset'], 'train')
     xt, yt = load_arrays(cfg['dataset'], 'test')
     loader = Loader(x, y, batch_size=cfg['batch_size'], shuffle=True, augment=default_augment(cfg['dataset'], cfg['pad_mode']),
@@ -722,81 +169,76 @@ def _train_here(cfg:dict) -> TrainResult:
         with atomic_write(run_dir/'config.json', 'w') as f: json.dump(stored, f, indent=1)
         if os.environ.get(RUN_DIR_FILE_ENV): Path(os.environ[RUN_DIR_FILE_ENV]).write_text(str(run_dir.resolve()))
     distributed.barrier()
-    _check_shared(run_dir/'config.json')
+    distributed.check_shared(run_dir/'config.json')
     cbs = _callbacks(cfg, run_dir, x, y, xt, yt) + method_probes(cfg, xt, yt)
     schedule = Schedule(cfg['schedule'], cfg['lr'], cfg['epochs'], cfg['milestones'], cfg['lr_factors'],
                         steps_per_epoch=len(loader.x)//cfg['batch_size'] + 1 if cfg['schedule'] == 'onecycle' else None)
     learn = Learner(model, method, loader, cfg['epochs'], cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['nesterov'],
                     schedule, cbs, device, cfg['channels_last'], cfg['amp'], cfg['compile'], config=stored,
-                    nonfinite=cfg['nonfinite'], sync_bn=cfg['sync_bn'])
+                    nonfinite=cfg['nonfinite'], sync_bn=cfg['sync_bn'], config_reader=_comparable)
     try: learn.fit(resume_from=resume_from)
     except TrainingDiverged:
-        _final_reports(cfg, learn, run_dir, xt, yt, len(x) if cfg['n_train'] is None else cfg['n_train'], device, stored)
+        _final_reports(cfg, learn, run_dir, xt, yt, len(x) if cfg['n_train'] is None else cfg['n_train'], device)
         raise
-    report = _final_reports(cfg, learn, run_dir, xt, yt, len(loader.x), device, stored)
-    return TrainResult(run_dir, stored, list(learn.history), report, learn.eval_model().eval())
+    report = _final_reports(cfg, learn, run_dir, xt, yt, len(loader.x), device)
+    return TrainResult(run_dir, flat_config(stored), list(learn.history), report, learn.eval_model().eval())
+
+# %% ../nbs/08_train.ipynb #b27e702c
+def session_components(cfg:dict) -> list[tuple[str, str, bytes]]:
+    "[(kind, name, pickled class)] of the run's components defined in this session (`__main__`), for worker processes."
+    import cloudpickle
+    return [(role, name, cloudpickle.dumps(cls)) for role, name, cls in run_components(cfg) if cls.__module__ == '__main__']
 
 
-def worker_train(cfg:dict) -> str|None:
-    "The entry point of every process `train(nproc=N)` starts: train as one rank; rank 0 returns the run folder."
+def worker_train(cfg:dict, # the resolved configuration
+                 session:list|None=None, # `session_components(cfg)` of the launching process
+                ) -> str|None:
+    "The entry point of every process `train(nproc=N)` starts: register the session's classes, train as one rank; rank 0 returns the run folder."
+    import cloudpickle
+    for kind, name, blob in session or []: (METHODS if kind == 'method' else OBJECTIVES).register(name, cloudpickle.loads(blob))
     run = train(**cfg)
     return str(run.dir) if distributed.is_main() else None
 
 
 def train(**params) -> TrainResult:
-    "Validate the parameters, train, evaluate, and leave everything in `runs/<run_name>/` (see `DEFAULTS` and `PRESETS`)."
+    "Validate the parameters, train, evaluate, and leave everything in `runs/<run_name>/` (the names: `schema()`; recipes: `preset_table()`)."
     cfg = resolve_config(**params)
-    if cfg['method'] == 'afa' and cfg['afa_stage'] == 2 and cfg['afa_from'] is None:
-        raise ConfigError("afa_from = None: AFA Stage II needs the Stage I run (afa_from='<run name or folder>')")
     if cfg['nproc'] == 1 or distributed.launched(): return _train_here(cfg)
     run_state(cfg)  # every check before any process starts: a bad folder or resume leaves nothing behind
-    run_dir = Path(distributed.launch(worker_train, (cfg,), nproc=cfg['nproc']))
+    run_dir = Path(distributed.launch(worker_train, (cfg, session_components(cfg)), nproc=cfg['nproc']))
     run = Run.load(run_dir)
     return TrainResult(run.dir, run.config, run.metrics, run.report, run.model(device=get_device(cfg['device'])))
 
 # %% ../nbs/08_train.ipynb #6dd18582
-_COMMON = dict(seed=0, device='cpu', nproc=1, sync_bn=False, amp=None, compile=False, nonfinite='stop', checkpoint_every=None,
-               run_name=None, runs_dir=None, resume=False, preset=None, progress=True)
-# every pipeline's parameters and tiny defaults (its `parameters` cell shows the same; tests/test_project.py checks they agree)
-PIPELINES = {
-    'train': dict(method='standard', objective=None, dataset='digits', arch='small_cnn', width=None, epochs=3, batch_size=128,
-                  lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False, schedule='piecewise', milestones=None, lr_factors=None,
-                  eps=None, alpha=None, steps=None, bn_mode=None, beta=None, awp_gamma=None, awp_warmup=None, seat_decay=0.999,
-                  natural_arch=None, helper=None, helper_epochs=None, hat_h=2.0, hat_gamma=0.5, gairat_lambda=-1.0, gairat_begin=None,
-                  mail_form='at', mail_bias=None, mail_slope=None, mail_burn_in=None, iat_alpha=1.0, normalize=True,
-                  pad_mode='constant', clip_start=True, code_forwards=False, n_train=None, n_eval=200, eval_every=1,
-                  suite='monitor', n_report=None, report_best=False, best_after=0, patience=None, channels_last=True, **_COMMON),
-    'train_hfat': dict(base='pgdat', awp=False, weighting='code', lambda_a=None, beta_r=0.0, beta_u=1.0, steps_s=7, eps_s=7/255,
-                       alpha_s=7/255, r_mean=0.4, r_std=0.001, noise=0.01/255, lt=1.5, gamma=0.01, tracker=True, hider_n=200,
-                       keep_epochs=None, dataset='digits', arch='small_cnn', epochs=3, batch_size=128, lr=0.1, schedule='piecewise',
-                       eps=None, alpha=None, steps=None, beta=None, n_train=None, n_eval=200, suite='monitor', n_report=None, **_COMMON),
-    'train_dynat': dict(variant='DYNAT', recipe='code', arch='small_cnn', guide_arch=None, inner=None, lam=None, beta=None, awp=None,
-                        guide_mode='train', label_smoothing=0.2, dataset='digits', epochs=3, batch_size=128, lr=0.1, schedule='lbgat',
-                        weight_decay=2e-4, eps=None, alpha=None, steps=None, n_train=None, n_eval=200, suite='monitor',
-                        n_report=None, **_COMMON),
-    'train_afa': dict(K=5, xi=None, base='pgdat', placement='stem', stage1_epochs=2, stage1_lr=0.1, stage2_epochs=1, stage2_lr=0.01,
-                      clean_prob=0.2, attack_steps=7, samples='fused', dataset='digits', arch='small_cnn', width=None, batch_size=128, weight_decay=5e-4,
-                      schedule='multistep', eps=None, n_train=None, n_eval=200, suite='afa', n_report=None, probe_n=256, **_COMMON),
-    'train_f2at': dict(K=2, alpha_pd=0.1, gamma=1.0, tau=0.07, v=0.995, margin='soft', ablation=None, source='features',
-                       mode='frozen', nat_bn='batch', alpha_warmup=0, estimators=None, source_run=None, source_epochs=None,
-                       est_epochs=3, units=128, dataset='digits', arch='small_cnn', epochs=3, batch_size=128, lr=0.1,
-                       schedule='multistep', weight_decay=2e-4, eps=None, alpha=None, steps=None, n_train=None, n_eval=200,
-                       suite='monitor', n_report=None, probe_n=256, **_COMMON),
-}
-# pipeline parameter -> train() parameter, where the pipeline uses a shorter name
-PIPELINE_NAMES = {
-    'train_hfat': dict(base='objective', awp='hfat_awp', weighting='hfat_weighting', lambda_a='hfat_lambda_a', beta_r='hfat_beta_r',
-                       beta_u='hfat_beta_u', steps_s='hfat_steps_s', eps_s='hfat_eps_s', alpha_s='hfat_alpha_s', r_mean='hfat_r_mean',
-                       r_std='hfat_r_std', noise='hfat_noise', lt='hfat_lt', gamma='hfat_gamma', tracker='hiders'),
-    'train_dynat': dict(inner='dynat_inner', lam='dynat_lambda', awp='dynat_awp', guide_mode='dynat_guide_mode',
-                        label_smoothing='dynat_label_smoothing'),
-    'train_afa': dict(K='afa_K', xi='afa_xi', base='objective', placement='afa_placement', clean_prob='afa_clean_prob',
-                      attack_steps='afa_attack_steps', samples='afa_samples'),
-    'train_f2at': dict(K='f2at_K', alpha_pd='f2at_alpha', gamma='f2at_gamma', tau='f2at_tau', v='f2at_v', margin='f2at_margin',
-                       ablation='f2at_ablation', source='f2at_source', mode='f2at_mode', nat_bn='f2at_nat_bn',
-                       alpha_warmup='f2at_alpha_warmup', estimators='f2at_estimators', source_run='f2at_source_run',
-                       source_epochs='f2at_source_epochs', est_epochs='f2at_est_epochs', units='f2at_units'),
-}
+def _notebook_file(name:str) -> Path|None:
+    "A pipeline notebook's file: where rblab-run said it is, the working directory, nbs/, or the repository's nbs/."
+    import robustbench_lab
+    env = os.environ.get(PIPELINE_FILE_ENV)
+    cands = ([Path(env)] if env and Path(env).stem == name else []) + [Path.cwd()/f'{name}.ipynb', Path.cwd()/'nbs'/f'{name}.ipynb',
+                                                                      Path(robustbench_lab.__file__).parent.parent/'nbs'/f'{name}.ipynb']
+    return next((p for p in cands if p.is_file()), None)
+
+
+PIPELINE_FILE_ENV = 'RBLAB_PIPELINE_NOTEBOOK'  # run_pipeline tells the kernel where its notebook is
+
+
+def parameters_cell(notebook:str|Path) -> dict:
+    "The assignments of a notebook's papermill `parameters` cell, evaluated (literals and arithmetic such as 7/255)."
+    import ast
+    nb = json.loads(Path(notebook).read_text())
+    cell = next((c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])), None)
+    if cell is None: raise ConfigError(f'{notebook}: no cell tagged "parameters"')
+    out = {}
+    for node in ast.parse(''.join(cell['source'])).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = eval(compile(ast.Expression(node.value), str(notebook), 'eval'), {})
+    return out
+
+
+def pipeline_defaults(name:str) -> dict:
+    "A pipeline's parameters and tiny defaults, from its notebook's `parameters` cell ({} where the notebook cannot be found)."
+    path = _notebook_file(name)
+    return parameters_cell(path) if path else {}
 
 
 def _assigned_names(source:str) -> list[str]:
@@ -806,27 +248,38 @@ def _assigned_names(source:str) -> list[str]:
     except SyntaxError: return []
     return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
 
-# %% ../nbs/08_train.ipynb #bd7d6e9c
-def pipeline_values(name:str, # a key of PIPELINES
+
+def pipeline_values(name:str, # the pipeline: train, train_hfat, train_dynat, train_afa, train_f2at (its notebook's name)
                     ns:dict, # the notebook's globals()
                    ) -> tuple[dict, set]:
     "The pipeline's parameter values and the names set explicitly: papermill's injected `-p`s, else values changed from the defaults."
-    defaults = PIPELINES[check('pipeline', name, str, choices=PIPELINES)]
-    accepted = set(defaults) | (set(DEFAULTS) if name == 'train' else set())  # train.ipynb takes every train() parameter
+    defaults = pipeline_defaults(name)
+    accepted = set(defaults) | (known_names() | {'plugins'} if name == 'train' else set())  # train.ipynb takes every train() parameter
     injected = [s for s in ns.get('_ih', []) if s.lstrip().startswith('# Parameters')]  # papermill's injected cell
     if injected:
         explicit = set(_assigned_names(injected[-1]))
+        if 'plugins' in explicit: import_plugins(ns.get('plugins'))
+        accepted |= known_names() if name == 'train' else set()
         unknown = explicit - accepted
         if unknown: raise unknown_names_error(unknown, accepted, f'parameter of {name}.ipynb')
     else: explicit = {k for k, v in defaults.items() if k in ns and ns[k] != v}
-    values = {k: ns.get(k, defaults.get(k, DEFAULTS.get(k))) for k in accepted if k in ns or k in defaults}
+    values = {k: ns[k] for k in accepted if k in ns}
     return values, explicit
 
 
-def _preset_keys(preset, stage2:bool) -> set:
-    if not isinstance(preset, str) or preset not in PRESETS: return set()
-    p = PRESETS[preset]
-    return set(p) | (set(p.get('afa_stage2', {})) if stage2 else set())
+def pipeline_names(values:dict, # the pipeline's parameters
+                   method:str|None=None, # the pipeline's method: its settings may drop the method's prefix (K for afa_K)
+                   aliases:dict|None=None, # the pipeline's own names for train() parameters (base -> objective)
+                  ) -> dict:
+    "Pipeline name -> train() name, for every pipeline parameter that is one (the others are the pipeline's own, e.g. a stage's epochs)."
+    known, aliases, out = known_names(), aliases or {}, {}
+    decl = component_params(METHODS[method], method) if method else {}
+    for k in values:
+        if k in aliases: out[k] = aliases[k]
+        elif k in known: out[k] = k
+        elif method and f'{method}_{k}' in known: out[k] = f'{method}_{k}'
+        elif k in decl: out[k] = decl[k].flat
+    return out
 
 
 @contextlib.contextmanager
@@ -841,15 +294,25 @@ def speaking(aliases:dict):
         raise ConfigError(msg) from None
 
 
-def pipeline_params(name:str, values:dict, explicit:set, fixed:dict|None=None, stage2:bool=False) -> dict:
+def _preset_keys(preset, given:dict) -> set:
+    "The train() names a preset sets for this configuration (its variants' included where `given` meets their condition)."
+    if not isinstance(preset, str) or preset not in PRESETS: return set()
+    from robustbench_lab.runs import preset_values
+    return set(preset_values(given)) | {'preset'}
+
+
+def pipeline_params(values:dict, # the pipeline's parameter values (`pipeline_values`)
+                    explicit:set, # the names given explicitly
+                    names:dict, # pipeline name -> train() name (`pipeline_names`)
+                    fixed:dict|None=None, # train() parameters the pipeline always sets (its method, a stage)
+                   ) -> dict:
     "train() parameters: explicit values, then (where the preset is silent) the pipeline's tiny defaults, then `fixed`."
-    to_train = PIPELINE_NAMES.get(name, {})
-    preset_keys = _preset_keys(values.get('preset'), stage2)
+    given = {names[k]: v for k, v in values.items() if k in names and k in explicit}
+    preset_keys = _preset_keys(values.get('preset'), {**given, 'preset': values.get('preset'), **(fixed or {})})
     out = {}
     for k, v in values.items():
-        tk = to_train.get(k, k)
-        if tk not in DEFAULTS: continue  # pipeline-only settings (a stage's epochs) are the pipeline's business
-        if k in explicit or tk not in preset_keys: out[tk] = v
+        if k not in names: continue  # the pipeline's own settings (a stage's epochs) are the pipeline's business
+        if k in explicit or names[k] not in preset_keys: out[names[k]] = v
     out.update(fixed or {})
     if os.environ.get('IN_TEST') and out.get('runs_dir') is None:
         import tempfile
@@ -857,14 +320,28 @@ def pipeline_params(name:str, values:dict, explicit:set, fixed:dict|None=None, s
     return out
 
 
+def check_pipeline_names(values:dict, # the pipeline's parameters
+                         names:dict, # pipeline name -> train() name (`pipeline_names`)
+                         own:tuple=(), # the pipeline's own parameters (it uses them itself)
+                        ) -> dict:
+    "`names`, after checking that every parameter of the pipeline is a train() parameter or one of its own."
+    lost = sorted(set(values) - set(names) - set(own))
+    if lost: raise ConfigError(f"pipeline parameter(s) {', '.join(lost)}: no train() parameter of that name (or the method's prefix + it); "
+                               "give the pipeline an alias for each, or list it among the pipeline's own")
+    return names
+
+
 def run_pipeline_notebook(name:str, # the pipeline: train, train_hfat, train_dynat, train_f2at (train_afa has two stages)
                           ns:dict, # the notebook's globals()
                           fixed:dict|None=None, # train() parameters the pipeline always sets (its method)
+                          method:str|None=None, # its method (default: fixed['method']): its settings may drop the method's prefix
+                          aliases:dict|None=None, # the pipeline's own names for train() parameters
+                          own:tuple=(), # the pipeline's own parameters (it turns them into `fixed` itself)
                          ) -> TrainResult:
     "What a one-run pipeline notebook does: read its parameters, refuse unknown ones, train, speaking the pipeline's names."
     values, explicit = pipeline_values(name, ns)
-    aliases = {v: k for k, v in PIPELINE_NAMES.get(name, {}).items()}
-    with speaking(aliases): return train(**pipeline_params(name, values, explicit, fixed))
+    names = check_pipeline_names(values, pipeline_names(values, method or (fixed or {}).get('method'), aliases), own)
+    with speaking({t: p for p, t in names.items() if p != t}): return train(**pipeline_params(values, explicit, names, fixed))
 
 # %% ../nbs/08_train.ipynb #0242a7ff
 def _kernel_manager_class():
@@ -889,8 +366,8 @@ def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
     if not notebook.is_file(): raise ConfigError(f'notebook = {str(notebook)!r}: no such notebook')
     with tempfile.TemporaryDirectory() as tmp:
         marker, out = Path(tmp)/'run_dir.txt', Path(tmp)/notebook.name
-        saved = os.environ.get(RUN_DIR_FILE_ENV)
-        os.environ[RUN_DIR_FILE_ENV] = str(marker)
+        saved = {k: os.environ.get(k) for k in (RUN_DIR_FILE_ENV, PIPELINE_FILE_ENV)}
+        os.environ[RUN_DIR_FILE_ENV], os.environ[PIPELINE_FILE_ENV] = str(marker), str(notebook.resolve())
         try:
             pm.execute_notebook(str(notebook), str(out), parameters=parameters or {}, cwd=str(cwd or notebook.parent),
                                 progress_bar=False, log_output=False, kernel_manager_class=_kernel_manager_class())
@@ -898,21 +375,23 @@ def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
             if marker.exists() and out.exists(): shutil.copyfile(out, Path(marker.read_text())/f'{notebook.stem}.failed.ipynb')
             raise
         finally:
-            if saved is None: os.environ.pop(RUN_DIR_FILE_ENV, None)
-            else: os.environ[RUN_DIR_FILE_ENV] = saved
+            for k, v in saved.items():
+                if v is None: os.environ.pop(k, None)
+                else: os.environ[k] = v
         if not marker.exists(): raise RuntimeError(f'{notebook}: finished without creating a run folder (does it call train()?)')
         run_dir = Path(marker.read_text())
         with atomic_write(run_dir/notebook.name, 'wb') as f: f.write(out.read_bytes())
     return run_dir
 
 
-def notebook_parameters(notebook:str|Path) -> set:
-    "The parameters a pipeline notebook accepts: its `PIPELINES` entry (train.ipynb: every train() parameter), else its `parameters` cell."
+def notebook_parameters(notebook:str|Path, # a pipeline notebook
+                        plugins=None, # plug-ins to import first (their settings are parameters of train.ipynb)
+                       ) -> set:
+    "The parameters a pipeline notebook accepts: its `parameters` cell (train.ipynb: every train() parameter, plug-ins' included)."
     notebook = Path(notebook)
     if not notebook.is_file(): raise ConfigError(f'notebook = {str(notebook)!r}: no such notebook')
-    if notebook.stem in PIPELINES: return set(PIPELINES[notebook.stem]) | (set(DEFAULTS) if notebook.stem == 'train' else set())
-    import papermill as pm
-    return set(pm.inspect_notebook(str(notebook)))
+    import_plugins(plugins)
+    return set(parameters_cell(notebook)) | (known_names() if notebook.stem == 'train' else set())
 
 
 def _parse_value(text:str):
@@ -933,6 +412,7 @@ def main(argv:list|None=None) -> int:
     args = ap.parse_args(argv)
     params = {k: _parse_value(v) for k, v in args.parameter}
     try:
+        if 'plugins' in params: params['plugins'] = import_plugins(params['plugins'])  # absolute paths: the kernel's folder may differ
         accepted = notebook_parameters(args.notebook)
         unknown = set(params) - accepted
         if unknown: raise unknown_names_error(unknown, accepted, f'parameter of {Path(args.notebook).name}')
@@ -952,17 +432,18 @@ def main(argv:list|None=None) -> int:
 def cli_train(argv:list|None=None) -> int:
     "`python -m robustbench_lab.train CONFIG.json` or `... --name value ...`: one `train()`, as every process of torchrun runs it."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith('.json'):
-        params = json.loads(Path(argv[0]).read_text())
-        params = {k: v for k, v in params.items() if k in DEFAULTS}  # a run's config.json works as well
-        # under torchrun the group's size is the truth: a config.json written by a run on another number of processes still runs
-        if distributed.launched(): params.pop('nproc', None)
-    else:
-        if len(argv) % 2 or any(not a.startswith('--') for a in argv[::2]):
-            print('usage: python -m robustbench_lab.train CONFIG.json | --name value [--name value ...]', file=sys.stderr)
-            return 2
-        params = {a[2:].replace('-', '_'): _parse_value(v) for a, v in zip(argv[::2], argv[1::2])}
-    try: run = train(**params)
+    try:
+        if len(argv) == 1 and argv[0].endswith('.json'):
+            raw = json.loads(Path(argv[0]).read_text())  # train() parameters, or a run's config.json (of any version)
+            params = flat_config(raw) if is_grouped(raw) else raw
+            # under torchrun the group's size is the truth: a config.json written by a run on another number of processes still runs
+            if distributed.launched(): params.pop('nproc', None)
+        else:
+            if len(argv) % 2 or any(not a.startswith('--') for a in argv[::2]):
+                print('usage: python -m robustbench_lab.train CONFIG.json | --name value [--name value ...]', file=sys.stderr)
+                return 2
+            params = {a[2:].replace('-', '_'): _parse_value(v) for a, v in zip(argv[::2], argv[1::2])}
+        run = train(**params)
     except ConfigError as e:
         print(f'robustbench_lab.train: {e}', file=sys.stderr)
         return 1

@@ -61,12 +61,11 @@ def _bn_worker():
 
 def _unshared_folder_worker(folder):
     "Rank 0 writes a run folder's config.json that rank 1 cannot see, as on two nodes without a shared filesystem."
-    from robustbench_lab.train import _check_shared
     r, _ = distributed.join_group()
     mine = Path(folder)/f'node{r}'
     mine.mkdir()
     if r == 0: (mine/'config.json').write_text('{}')
-    try: _check_shared(mine/'config.json', wait_s=0.2)
+    try: distributed.check_shared(mine/'config.json', wait_s=0.2)
     except ConfigError as e: return str(e)
 
 
@@ -119,7 +118,7 @@ def test_two_processes_with_sync_bn_train_the_single_process_computation(tmp_pat
     for x, y in [(a['model'], b['model'])] + [(a['extra'][k], b['extra'][k]) for k in a['extra']]:
         for k in x:
             if x[k].is_floating_point(): assert torch.allclose(x[k], y[k], rtol=0, atol=tol), (name, k, (x[k] - y[k]).abs().max().item())
-    cfg = json.loads((two.dir/'config.json').read_text())
+    cfg = json.loads((two.dir/'config.json').read_text())['run']
     assert cfg['nproc'] == 2 and cfg['backend'] == 'gloo' and cfg['sync_bn'] is True
     assert two.report.n == one.report.n and two.net is not None
 
@@ -198,8 +197,8 @@ def test_process_settings_are_refused_before_any_process_starts(tmp_path, monkey
     with pytest.raises(ConfigError, match='batch_size = 2: .* 4 for nproc = 2'): resolve_config(method='f2at', nproc=2, batch_size=2)
     resolve_config(method='f2at', nproc=2, batch_size=64, n_train=132)
     with pytest.raises(ConfigError, match='nccl'): resolve_config(nproc=2, backend='nccl')
-    import robustbench_lab.train as T
-    monkeypatch.setattr(T, 'build_model', lambda cfg, *a, **k: nn.Linear(2, 2))
+    import robustbench_lab.runs as R
+    monkeypatch.setattr(R, 'build_model', lambda cfg, *a, **k: nn.Linear(2, 2))
     with pytest.raises(ConfigError, match='no BatchNorm'): resolve_config(nproc=2, sync_bn=True)
     assert not any(tmp_path.iterdir())
 
@@ -212,7 +211,7 @@ def test_torchrun_trains_from_a_config_json_made_with_another_process_count(tmp_
                           'robustbench_lab.train', str(cfg)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
-    made = json.loads((tmp_path/'runs'/'tr'/'config.json').read_text())
+    made = json.loads((tmp_path/'runs'/'tr'/'config.json').read_text())['run']
     assert made['nproc'] == 2 and (tmp_path/'runs'/'tr'/'report.json').exists()
 
 
@@ -223,7 +222,7 @@ def test_papermill_with_two_processes_leaves_one_run_folder(tmp_path):
                           '-p', 'runs_dir', str(runs), '-p', 'progress', 'False'], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     folders = list(runs.iterdir())
-    assert len(folders) == 1 and (folders[0]/'report.json').exists() and json.loads((folders[0]/'config.json').read_text())['nproc'] == 2
+    assert len(folders) == 1 and (folders[0]/'report.json').exists() and json.loads((folders[0]/'config.json').read_text())['run']['nproc'] == 2
 
 
 def test_a_launched_process_on_cuda_makes_its_own_gpu_current_whatever_the_backend(monkeypatch):

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from robustbench_lab.core import ConfigError, settings
 from robustbench_lab.learner import Callback, Learner, TrainingDiverged, load_checkpoint
-from robustbench_lab.train import DEFAULTS, PIPELINES, PRESETS, PRESET_METHOD, resolve_config, train
+from robustbench_lab.train import PRESETS, preset_table, resolve_config, train
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -45,33 +45,34 @@ def test_rblab_run_refuses_unknown_parameters_before_starting_a_kernel(tmp_path)
 
 
 def test_explicit_parameters_win_over_the_preset_even_at_their_default():
-    from robustbench_lab.train import apply_preset
+    from robustbench_lab.runs import RUN_SETTINGS, apply_preset
     pairs = 0
     for preset, recipe in PRESETS.items():
-        stage2 = recipe.get('afa_stage2', {})
-        for key, value in {**recipe, **stage2}.items():
-            if key == 'afa_stage2' or value == DEFAULTS[key]: continue
-            params = dict(preset=preset, **{key: DEFAULTS[key]}, **(dict(method='afa', afa_stage=2) if key in stage2 else {}))
-            assert apply_preset(params)[key] == DEFAULTS[key], (preset, key)
+        for key, value in recipe.items():
+            if key not in RUN_SETTINGS or value == RUN_SETTINGS[key]: continue
+            assert apply_preset(dict(preset=preset, **{key: RUN_SETTINGS[key]}))[key] == RUN_SETTINGS[key], (preset, key)
             pairs += 1
     assert pairs > 150
     assert resolve_config(preset='afa-paper', epochs=3, dataset='digits', arch='small_cnn')['epochs'] == 3
-    assert resolve_config(preset='trades-code', beta=None, dataset='digits', arch='small_cnn')['beta'] is None
+    assert resolve_config(preset='mart-code', beta=None, dataset='digits', arch='small_cnn')['beta'] == 6.0  # MART's own, not the preset's 5
 
 
 def test_presets_name_their_methods_and_protocols_leave_it_to_you():
     assert resolve_config(preset='hfat-paper', dataset='digits', arch='small_cnn')['method'] == 'hfat'
     assert resolve_config(preset='hfat-code', dataset='digits', arch='small_cnn')['method'] == 'hfat'
     assert resolve_config(preset='dynat-code', dataset='digits', arch='small_cnn', guide_arch='small_cnn')['method'] == 'dynat'
-    for name, method in PRESET_METHOD.items():
-        if name.endswith('-protocol'): assert method is None and 'method' not in PRESETS[name]
+    assert preset_table().set_index('preset').loc['hfat-code', 'method'] == 'hfat'
+    for name, preset in PRESETS.items():
+        method = preset.get('method', preset.get('objective'))
+        if name.endswith('-protocol'): assert method is None and 'method' not in preset
         else: assert method is not None
     assert resolve_config(preset='hfat-protocol', objective='mart', dataset='digits', arch='small_cnn')['objective'] == 'mart'
 
 
 def test_afa_paper_preset_carries_its_stage2_schedule():
     from robustbench_lab.learner import Schedule
-    c = resolve_config(preset='afa-paper', method='afa', afa_stage=2, dataset='digits', arch='small_cnn')
+    from robustbench_lab.runs import apply_preset
+    c = apply_preset(dict(preset='afa-paper', method='afa', afa_stage=2, dataset='digits', arch='small_cnn'))
     s = Schedule(c['schedule'], c['lr'], c['epochs'], c['milestones'], c['lr_factors'])
     assert c['epochs'] == 20 and [s(e, 0, 1) for e in (0, 9, 10, 19)] == [0.01, 0.01, 0.01*0.1, 0.01*0.1]
     assert resolve_config(preset='afa-paper', method='afa', afa_stage=1, dataset='digits', arch='small_cnn')['epochs'] == 100
@@ -226,16 +227,6 @@ def test_errors_speak_the_pipelines_names_and_units(tmp_path):
     msg = error_message(papermill('train_dynat.ipynb', tmp_path/'o4.ipynb', {'lam': -1, 'runs_dir': tmp_path/'runs'}))
     assert 'lam = -1.0' in msg and 'dynat_lambda' not in msg, msg
     assert not (tmp_path/'runs').exists()  # refused before any run folder was made
-
-
-def test_pipeline_parameter_cells_match_their_declared_defaults():
-    import ast
-    for name, defaults in PIPELINES.items():
-        nb = json.loads((REPO/'nbs'/f'{name}.ipynb').read_text())
-        cell = next(c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', []))
-        got = {n.targets[0].id: ast.literal_eval(n.value) if not isinstance(n.value, ast.BinOp) else eval(compile(ast.Expression(n.value), '', 'eval'))
-               for n in ast.parse(''.join(cell['source'])).body}
-        assert got == defaults, (name, {k for k in set(got) | set(defaults) if got.get(k) != defaults.get(k)})
 
 
 def test_relative_data_paths_resolve_against_the_settings_file_from_any_folder(monkeypatch):

@@ -151,17 +151,19 @@ def test_run_folder_and_metrics(tmp_path):
         assert {'epoch', 'lr', 'loss', 'clean_acc', 'robust_acc', 'seconds', 'train_img_per_s'} <= set(m)
         assert m['train_img_per_s'] > 0 and 0 <= m['robust_acc'] <= m['clean_acc'] <= 1
     cfg = json.loads((run.dir/'config.json').read_text())
-    assert cfg['eps'] == 0.1 and cfg['objective'] == 'pgdat' and 'resume' not in cfg
+    assert cfg['run']['eps'] == 0.1 and cfg['objective']['name'] == 'pgdat' and 'resume' not in cfg['run']
     with pytest.raises(ConfigError, match='exists'): train(run_name='r', **_common(tmp_path))
     with pytest.raises(ConfigError, match='different settings'): train(run_name='r', resume=True, **{**_common(tmp_path), 'lr': 0.05})
     # a run made before a setting existed resumes when the setting is at its default, and only then: neither its
-    # config.json nor its checkpoint knows the setting
-    cfg.pop('afa_samples'); (run.dir/'config.json').write_text(json.dumps(cfg))
-    ck = load_checkpoint(run.dir/'checkpoints'/'last.pt'); ck['config'].pop('afa_samples')
+    # config.json nor its checkpoint knows the setting (a run setting, and a setting of its objective)
+    ck = load_checkpoint(run.dir/'checkpoints'/'last.pt')
+    for c in (cfg, ck['config']):
+        c['objective']['settings'].pop('pgdat_init'); c['run'].pop('hider_positions')
+    (run.dir/'config.json').write_text(json.dumps(cfg))
     save_checkpoint(ck, run.dir/'checkpoints'/'last.pt')
     same = {**_common(tmp_path), 'report_best': True, 'checkpoint_every': None}
-    with pytest.raises(ConfigError, match=r'different settings \(afa_samples\)'):
-        train(run_name='r', resume=True, **same, afa_samples='strong_branch')
+    with pytest.raises(ConfigError, match=r'different settings \(pgdat_init\)'):
+        train(run_name='r', resume=True, **same, pgdat_init='normal')
     assert train(run_name='r', resume=True, **same).config['epochs'] == 3
 
 
