@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SETTINGS_SECTION', 'ENV_VARS', 'DEFAULT_SETTINGS', 'ConfigError', 'check', 'check_list', 'find_settings_file',
-           'Settings', 'settings', 'available_devices', 'get_device', 'keep_freed_memory', 'seed_everything',
-           'get_rng_state', 'set_rng_state', 'mix_seed', 'RandomScope', 'random_scope', 'random_subset', 'sample_rand',
-           'sample_randn', 'shared_rand', 'shared_generator', 'sample_rows', 'atomic_write', 'first_nonfinite']
+__all__ = ['SETTINGS_SECTION', 'ENV_VARS', 'DEFAULT_SETTINGS', 'EXIT_INTERRUPTED', 'STOP_SIGNALS', 'ConfigError', 'check',
+           'check_list', 'find_settings_file', 'Settings', 'settings', 'available_devices', 'get_device',
+           'keep_freed_memory', 'seed_everything', 'get_rng_state', 'set_rng_state', 'mix_seed', 'RandomScope',
+           'random_scope', 'random_subset', 'sample_rand', 'sample_randn', 'shared_rand', 'shared_generator',
+           'sample_rows', 'WriteFailed', 'write_failed', 'atomic_write', 'RunFileError', 'read_json', 'read_jsonl',
+           'RunInterrupted', 'first_nonfinite']
 
 # %% ../nbs/00_core.ipynb #5da0b6dd
 class ConfigError(ValueError):
@@ -391,24 +393,105 @@ def _umask() -> int:
     return mask
 
 
+class WriteFailed(OSError):
+    "Writing a run's file failed (a full disk, an I/O error, a read-only folder): the file named was left as it was."
+
+
+def write_failed(path:Path, err:OSError) -> WriteFailed:
+    "A `WriteFailed` for `path`: what the system said, and the free space of its filesystem."
+    import shutil
+    try: free = f'{shutil.disk_usage(path.parent).free/2**20:,.1f} MiB free on its filesystem'
+    except OSError: free = 'free space unknown'
+    why = os.strerror(err.errno) if err.errno else str(err)
+    return WriteFailed(err.errno, f'{path}: writing failed ({why}); {free}. The previous {path.name} (if any) is kept and no '
+                       'temporary file is left; free space (or fix the folder) and resume')
+
+
+class _Recording:
+    "A file object that remembers the OSError of a failed write (torch.save reports it as a RuntimeError)."
+    def __init__(self, f): self._f, self.error = f, None
+
+    def write(self, data):
+        try: return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name): return getattr(self._f, name)
+
+
 @contextlib.contextmanager
 def atomic_write(path:str|Path, # final file name
                  mode:str='wb', # 'wb' or 'w'
+                 keep_previous:str|Path|None=None, # move the file replaced here first (a checkpoint's previous copy)
                 ):
-    "Open a temporary file beside `path`; on success fsync and rename it over `path`, on error remove it."
+    "Open a temporary file beside `path`; on success fsync and rename it over `path`, on error remove it (and say why)."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    f = None
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode) as raw:
+            f = _Recording(raw)
             yield f
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fchmod(raw.fileno(), 0o666 & ~_umask())
+            os.fsync(raw.fileno())
+        if keep_previous is not None and path.exists(): os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        err = e if isinstance(e, OSError) and not isinstance(e, WriteFailed) else getattr(f, 'error', None)
+        if err is not None and not isinstance(e, WriteFailed): raise write_failed(path, err) from e
         raise
+
+# %% ../nbs/00_core.ipynb #3d6e038e
+class RunFileError(ConfigError):
+    "A run folder's file is missing, truncated or malformed; the message names it and says what to do."
+
+
+def read_json(path:str|Path, # the file
+              advice:str='', # what to do about a damaged one
+             ):
+    "The JSON value in `path`, or a `RunFileError` naming it."
+    import json
+    path = Path(path)
+    try: return json.loads(path.read_text())
+    except FileNotFoundError: raise
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunFileError(f'{path}: damaged, not readable as JSON ({type(e).__name__}: {e})' + (f'; {advice}' if advice else '')) from None
+
+
+def read_jsonl(path:str|Path, # a JSON-lines log
+               advice:str='', # what to do about a line damaged before the last one
+              ) -> tuple[list, str|None]:
+    "(the records of every complete line, a note when the last line was torn and left out, else None)."
+    import json
+    path = Path(path)
+    try: text = path.read_text()
+    except FileNotFoundError: raise
+    except (OSError, UnicodeDecodeError) as e: raise RunFileError(f'{path}: not readable ({type(e).__name__}: {e})' + (f'; {advice}' if advice else '')) from None
+    lines, out, note = text.split('\n'), [], None
+    for i, line in enumerate(lines):
+        if not line.strip(): continue
+        try: out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:  # the last line, without its newline: cut short by a kill
+                note = f'{path}: its last line (line {i + 1}) was torn ({len(line)} characters, no newline) and is left out'
+                break
+            raise RunFileError(f'{path}: line {i + 1} is damaged ({e})' + (f'; {advice}' if advice else '')) from None
+    return out, note
+
+# %% ../nbs/00_core.ipynb #e8fc0f85
+EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: the run stopped on a signal at a checkpointed step; resume it
+STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGINT')
+
+
+class RunInterrupted(KeyboardInterrupt):
+    "Training stopped on a signal; `record` says which, when, and the step the run's checkpoint holds."
+    def __init__(self, message:str, record:dict):
+        super().__init__(message)
+        self.record = record
 
 # %% ../nbs/00_core.ipynb #b51d9e3f
 def first_nonfinite(named_tensors, # (name, tensor or None) pairs

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ConfigError, check
+from .core import EXIT_INTERRUPTED, ConfigError, RunInterrupted, check
 
 # the differentiable collectives the synchronised BatchNorm needs are announced as deprecated in favour of a private module
 import warnings
@@ -340,6 +340,7 @@ def launch(fn:Callable, # a module-level function, run in every process
           ):
     "Run `fn(*args)` in `nproc` processes forming one group; return rank 0's result, or raise `WorkerFailed`."
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     nproc = check('nproc', nproc, int, lo=1)
@@ -368,7 +369,14 @@ def launch(fn:Callable, # a module-level function, run in every process
     handlers = {s: signal.getsignal(s) for s in _LAUNCHER_SIGNALS} if threading.current_thread() is threading.main_thread() else {}
     try:
         elastic_launch(config, sys.executable)('-u', '-m', 'robustbench_lab.distributed', payload, result)
+    except SignalException as e:  # this process got the signal; the launcher sent it on to the workers, which stop at a step
+        name = signal.Signals(e.sigval).name
+        raise RunInterrupted(f'stopped on {name}: the worker processes stopped at a checkpointed step; resume the run to continue',
+                             dict(interrupted=True, signal=name)) from None
     except ChildFailedError as e:
+        if all(f.exitcode == EXIT_INTERRUPTED for f in e.failures.values()):  # each stopped on a signal of its own, at one step
+            raise RunInterrupted(f'the worker processes stopped on a signal at a checkpointed step (exit status {EXIT_INTERRUPTED}); '
+                                 'resume the run to continue', dict(interrupted=True)) from None
         r, failure = e.get_first_failure()  # the root cause: the others were stopped because of it
         how = f'signal {failure.signal_name()}' if failure.exitcode < 0 else f'exit code {failure.exitcode}'
         detail = _worker_log(log_dir, failure.local_rank)
@@ -393,7 +401,9 @@ def _worker_main(payload:str, result:str):
 
 # %% ../nbs/09_distributed.ipynb #87d28d8f
 if __name__ == '__main__' and 'IPython' not in sys.modules and len(sys.argv) == 3:  # `python -m robustbench_lab.distributed PAYLOAD RESULT`
-    _worker_main(sys.argv[1], sys.argv[2])
+    try: _worker_main(sys.argv[1], sys.argv[2])
+    except RunInterrupted as e:  # stopped on a signal at a checkpointed step: a status of its own, which `launch` recognises
+        print(f'rank {os.environ.get("RANK", 0)}: {e}', file=sys.stderr); sys.stdout.flush(); sys.stderr.flush(); os._exit(EXIT_INTERRUPTED)
     # the work is done and the group torn down: leave without running C++ static destructors, where a still-joinable
     # library thread can abort the process ("terminate called without an active exception", seen once in 200 tests)
     sys.stdout.flush(); sys.stderr.flush(); os._exit(0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .attacks import PGD, attack_mode
 from . import distributed
-from .core import atomic_write, check, check_list, random_scope
+from .core import RunFileError, atomic_write, check, check_list, random_scope
 from .learner import Callback
 
 # %% auto #0
@@ -154,7 +154,7 @@ class HiderTracker(Callback):
         self.buffer = {int(e): (cpu(v['x_adv']), cpu(v['correct_adv']), cpu(v['correct_nat']), cpu(v.get('along')))
                        for e, v in d.items() if int(e) < before}
         if self.positions and self.folder is not None and (self.folder/'hider_positions.pt').exists():
-            found = torch.load(self.folder/'hider_positions.pt', weights_only=True)
+            found = _load_run_file(self.folder/'hider_positions.pt')
             self.found = {k: v for k, v in found.items() if sum(map(int, k.split('+'))) < before}
 
     def state_dict(self):
@@ -165,7 +165,15 @@ class HiderTracker(Callback):
         before = max(state.get('epochs', [-1]) + [-1]) + 1 if 'epochs' in state else 10**9
         if 'buffer' in state: self._unpack(state['buffer'], before)
         elif self.folder is not None and (self.folder/'hiders.pt').exists():
-            self._unpack(torch.load(self.folder/'hiders.pt', weights_only=True), before)
+            self._unpack(_load_run_file(self.folder/'hiders.pt'), before)
+
+
+def _load_run_file(path):
+    "The tracker's stored examples, or a `RunFileError` saying what a damaged file costs."
+    try: return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise RunFileError(f'{path}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); delete it to resume: hider tracking '
+                           "then restarts from the resumed epoch (the ratios of earlier epochs stay in metrics.jsonl)") from None
 
 # %% ../nbs/20_hiders.ipynb #b5b1557e
 def worst_case_hiders(model_i:nn.Module, # the model at epoch i (the attack direction comes from it)

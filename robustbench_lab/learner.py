@@ -9,8 +9,11 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -18,16 +21,16 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import (ConfigError, atomic_write, check, check_list, first_nonfinite, get_device, get_rng_state,
-                                  keep_freed_memory, random_scope, set_rng_state)
+from .core import (STOP_SIGNALS, ConfigError, RunFileError, RunInterrupted, atomic_write, check, check_list,
+                                  first_nonfinite, get_device, get_rng_state, keep_freed_memory, random_scope, read_jsonl, set_rng_state)
 from .data import Loader
 from .methods import Method
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'AMP', 'AMP_DEVICES', 'NONFINITE', 'RUN_ONLY_KEYS', 'RECOMPILE_LIMIT', 'Schedule',
-           'CancelFitException', 'Callback', 'save_checkpoint', 'load_checkpoint', 'check_amp', 'TrainingDiverged',
-           'nonfinite_terms', 'epoch_accumulators', 'TrainingLoop', 'Learner', 'EvalCB', 'AccuracyCB', 'MetricsCB',
-           'StepLogCB', 'CheckpointCB', 'ProgressCB']
+           'CancelFitException', 'Callback', 'save_checkpoint', 'load_checkpoint', 'resume_checkpoint', 'check_amp',
+           'TrainingDiverged', 'nonfinite_terms', 'StopRequests', 'epoch_accumulators', 'TrainingLoop', 'Learner',
+           'EvalCB', 'AccuracyCB', 'MetricsCB', 'StepLogCB', 'CheckpointCB', 'ProgressCB']
 
 # %% ../nbs/07_learner.ipynb #9e7ce642
 SCHEDULES = ('piecewise', 'multistep', 'lbgat', 'cosine', 'cosine_epoch', 'cyclic', 'linear', 'linear_epoch', 'onecycle', 'constant')
@@ -117,17 +120,45 @@ class Callback:
 CHECKPOINT_FORMAT = 'robustbench_lab.checkpoint/1'
 
 
-def save_checkpoint(state:dict, path:str|Path) -> Path:
+def save_checkpoint(state:dict, path:str|Path,
+                    keep_previous:str|Path|None=None, # move the checkpoint replaced here first (last.pt -> prev.pt)
+                   ) -> Path:
     "Write `state` with `torch.save` atomically (temporary file, fsync, rename)."
-    with atomic_write(path) as f: torch.save(state, f)
+    with atomic_write(path, keep_previous=keep_previous) as f: torch.save(state, f)
     return Path(path)
 
 
 def load_checkpoint(path:str|Path, map_location='cpu') -> dict:
     "Read a checkpoint written by `save_checkpoint` (`weights_only=True`: tensors and plain containers only)."
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try: state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError: raise
+    except Exception as e:
+        raise RunFileError(f'{path}: damaged or cut short, not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})') from None
     if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
-        raise ValueError(f'{path}: not a robustbench_lab checkpoint')
+        raise RunFileError(f'{path}: not a robustbench_lab checkpoint')
+    return state
+
+
+def resume_checkpoint(folder:str|Path, # a run's checkpoints/
+                      map_location='cpu',
+                      steps_log:str|Path|None=None, # the run's steps.jsonl: how far it had got (for the warning)
+                     ) -> dict:
+    "`last.pt`, or — with a warning naming both files and the steps and epochs lost — `prev.pt` when `last.pt` is damaged."
+    folder = Path(folder)
+    last, prev = folder/'last.pt', folder/'prev.pt'
+    try: return load_checkpoint(last, map_location)
+    except (FileNotFoundError, RunFileError) as e: why = 'missing' if isinstance(e, FileNotFoundError) else str(e).split(': ', 1)[1]
+    try: state = load_checkpoint(prev, map_location)
+    except (FileNotFoundError, RunFileError) as e:
+        raise RunFileError(f'{last} is {why}, and {prev} ' + ('does not exist' if isinstance(e, FileNotFoundError) else 'is damaged too')
+                           + ': nothing to resume from; start the run again under a new name (or restore a copy of the folder)') from None
+    reached = None
+    if steps_log is not None and Path(steps_log).exists():
+        recs, _ = read_jsonl(steps_log)
+        reached = max((r['step'] for r in recs), default=-1) + 1
+    lost = f'{reached - state["step"]} step(s)' if reached is not None else 'the steps after it'
+    warnings.warn(f'{last} is {why}: resuming from {prev} (epoch {state["epoch"] + 1}, batch {state["batch"]}, step {state["step"]}); '
+                  f'{lost} since it are trained again', stacklevel=2)
     return state
 
 # %% ../nbs/07_learner.ipynb #066ec0d1
@@ -183,6 +214,33 @@ def _compile(model, compile):
     setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
     return torch.compile(model) if compile is True else torch.compile(model, backend=compile)
 
+# %% ../nbs/07_learner.ipynb #3d6617b7
+class StopRequests:
+    "The stop signals, held while training: the first is remembered (`signal`); a second raises `RunInterrupted` at once."
+    def __init__(self): self.signal, self.saved = None, {}
+
+    def _handle(self, signum, frame): self.request(signum)
+
+    def request(self, signum:int):
+        "What a stop signal does (the handler's work; a callback may call it too)."
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = name
+            return
+        raise RunInterrupted(f'{name} while stopping on {self.signal}: ended at once; the checkpoint being written (if any) was '
+                             'abandoned whole and the previous one kept', dict(interrupted=True, signal=name, at_once=True))
+
+    def __enter__(self):
+        self.signal = None
+        if threading.current_thread() is threading.main_thread():  # (handlers can be set in the main thread only)
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name): self.saved[getattr(signal, name)] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items(): signal.signal(s, h)
+        self.saved = {}
+
 # %% ../nbs/07_learner.ipynb #dde0b013
 def epoch_accumulators() -> dict:
     "What an epoch adds up: training time, images, batches, refused steps, steps GradScaler skipped (fp16), summed logs."
@@ -206,7 +264,9 @@ class TrainingLoop:
         with self._autocast(), random_scope(self.loader.seed, self.epoch, self.batch, total=info.total, index=rows), \
              distributed.batch_share(len(rows), info.total):
             logs = self.method.compute_grads(self.fwd, x, y, self.backward)
-            self.logs = distributed.average_logs(logs)
+            # a stop request rides on the step's logs: one collective, and every process learns whether any was asked to stop
+            self.logs = distributed.average_logs({**logs, '_stop': float(self.stops.signal is not None)})
+            self.stop_requested = self.logs.pop('_stop') > 0
         distributed.reduce_grads_(self.params)
         if self.scaler is not None: self.scaler.unscale_(self.opt)  # fp16: the true gradients are checked, not the scaled ones
         bad_terms = nonfinite_terms(self.logs)  # losses and gradients are global: every process decides alike on them
@@ -258,9 +318,23 @@ class TrainingLoop:
                                'holds the last good state; lower the learning rate, or pass nonfinite=\'skip\' to drop such steps.',
                                self.failure)
 
-    def fit(self, resume_from:str|Path|None=None):
-        "Train to `epochs`, continuing from the checkpoint `resume_from` when given."
-        if resume_from is not None: self.load_state_dict(load_checkpoint(resume_from, self.device))
+    def _stop(self):
+        "Stop at this step on the signal asked for: checkpoint it (and its record) on every process's behalf, then raise `RunInterrupted`."
+        name = self.stops.signal or 'a signal in another process'
+        rec = dict(interrupted=True, signal=name, epoch=self.epoch, batch=self.batch, step=self.step,
+                   time=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+        self.interruptions.append(rec)
+        self.callback('after_interrupt')  # the checkpoint at this step, and the record in metrics.jsonl
+        distributed.barrier()  # nobody leaves before rank 0 has written them
+        raise RunInterrupted(f'training stopped on {name} after step {self.step} (epoch {self.epoch + 1}/{self.epochs}, batch '
+                             f'{self.batch}): its checkpoint holds this step; resume the run to continue', rec)
+
+    def fit(self, resume_from:str|Path|dict|None=None):
+        "Train to `epochs`, continuing from the checkpoint `resume_from` (a file, or one read already) when given."
+        if resume_from is not None: self.load_state_dict(resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device))
+        with self.stops: return self._fit()
+
+    def _fit(self):
         self.callback('before_fit')
         try:
             while self.epoch < self.epochs:
@@ -271,7 +345,9 @@ class TrainingLoop:
                 self.epoch_start = time.perf_counter()
                 self.callback('before_epoch')
                 n = len(self.loader)
-                for x, y, info in self.loader.batches(self.epoch, start=self.batch, info=True): self._train_batch(x, y, info, n)
+                for x, y, info in self.loader.batches(self.epoch, start=self.batch, info=True):
+                    self._train_batch(x, y, info, n)
+                    if self.stop_requested: self._stop()
                 a = self.accum
                 self.record.update(lr=self.lr, **{k: v/max(1, a['batches']) for k, v in a['logs'].items()},
                                    train_seconds=a['seconds_train'], train_img_per_s=a['images']/max(a['seconds_train'], 1e-9))
@@ -282,10 +358,16 @@ class TrainingLoop:
                 self.record['seconds'] = time.perf_counter() - self.epoch_start
                 self.history.append(dict(self.record))
                 self.callback('after_record')  # then it is written, printed and checkpointed
+                # a signal during the epoch's last step or its evaluation: the epoch's checkpoint was just written
+                if distributed.sum_scalar(float(self.stop_requested or self.stops.signal is not None)) > 0 and self.epoch < self.epochs:
+                    self._stop()
         except CancelFitException as e:
             self.stopped = str(e) or 'a callback ended training early'
         except TrainingDiverged:
             self.callback('after_fail')
+            raise
+        except RunInterrupted:
+            self.callback('after_fail')  # (closes what callbacks hold open)
             raise
         self.callback('after_fit')
         return self
@@ -355,6 +437,7 @@ class Learner(TrainingLoop):
         self.epoch = self.batch = self.step = 0
         self.accum = epoch_accumulators()
         self.history, self.record, self.logs, self.failure, self.stopped = [], {}, {}, None, None
+        self.stops, self.stop_requested, self.interruptions = StopRequests(), False, []
 
     # -- plumbing -----------------------------------------------------------------------------------
     def callback(self, event:str):
@@ -386,7 +469,7 @@ class Learner(TrainingLoop):
                     optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
                     method=self.method.state_dict(), callbacks={cb.name: cb.state_dict() for cb in self.cbs},
                     epoch=self.epoch, batch=self.batch, step=self.step, accum=self.accum, history=self.history,
-                    rng=get_rng_state(self.device), config=self.config)
+                    interruptions=self.interruptions, rng=get_rng_state(self.device), config=self.config)
 
     def load_state_dict(self, state:dict):
         "Restore a `state_dict` (from a checkpoint)."
@@ -406,6 +489,7 @@ class Learner(TrainingLoop):
             if cb.name in state['callbacks']: cb.load_state_dict(state['callbacks'][cb.name])
         self.epoch, self.batch, self.step = state['epoch'], state['batch'], state['step']
         self.accum, self.history = {**epoch_accumulators(), **state['accum']}, list(state['history'])
+        self.interruptions = list(state.get('interruptions', []))
         set_rng_state(state['rng'], self.device)
 
 # %% ../nbs/07_learner.ipynb #2e0df8f0
@@ -469,7 +553,10 @@ class MetricsCB(Callback):
 
     def after_record(self, learn): self._write(learn)
 
-    def after_fail(self, learn): self._write(learn, [learn.failure])
+    def after_fail(self, learn):
+        if learn.failure: self._write(learn, [learn.failure])
+
+    def after_interrupt(self, learn): self._write(learn, learn.interruptions[-1:])
 
 
 class StepLogCB(Callback):
@@ -482,8 +569,8 @@ class StepLogCB(Callback):
     def before_fit(self, learn):
         if not distributed.is_main(): return
         keep = []
-        if self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)['step'] < learn.step]
+        if self.path.exists():  # (a last line torn by a kill is dropped with the rest past the checkpoint)
+            keep = [json.dumps(r) for r in read_jsonl(self.path)[0] if r['step'] < learn.step]
         with atomic_write(self.path, 'w') as f: f.write(''.join(l + '\n' for l in keep))
         self.f = open(self.path, 'a', buffering=1)  # line-buffered: a killed process loses nothing already logged
 
@@ -519,8 +606,18 @@ class CheckpointCB(Callback):
     @property
     def last(self) -> Path: return self.folder/'last.pt'
 
+    def save_last(self, learn):
+        "Write `last.pt`, the one it replaces becoming `prev.pt` (rank 0)."
+        if distributed.is_main(): save_checkpoint(learn.state_dict(), self.last, keep_previous=self.folder/'prev.pt')
+
+    def before_fit(self, learn):
+        if distributed.is_main() and self.folder.exists():
+            for t in self.folder.glob('.*.tmp'): t.unlink(missing_ok=True)  # a write a killed process left unfinished
+
     def after_batch(self, learn):
-        if self.every and learn.step % self.every == 0 and distributed.is_main(): save_checkpoint(learn.state_dict(), self.last)
+        if self.every and learn.step % self.every == 0: self.save_last(learn)
+
+    def after_interrupt(self, learn): self.save_last(learn)
 
     def after_record(self, learn):
         value = learn.record.get(self.monitor)
@@ -535,7 +632,7 @@ class CheckpointCB(Callback):
 
     def _save(self, learn, improved):
         state = learn.state_dict()
-        save_checkpoint(state, self.last)
+        save_checkpoint(state, self.last, keep_previous=self.folder/'prev.pt')
         if improved: save_checkpoint(state, self.folder/'best.pt')
         if self.keep_every and (learn.epoch % self.keep_every == 0 or learn.epoch == learn.epochs):
             weights = state['eval_model'] if state['eval_model'] is not None else state['model']

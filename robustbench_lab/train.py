@@ -18,18 +18,18 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import ConfigError, atomic_write, check, get_device, seed_everything
+from .core import EXIT_INTERRUPTED, ConfigError, RunInterrupted, atomic_write, check, get_device, read_json, seed_everything
 from .data import Loader, default_augment, load_arrays
 from .evaluate import Report, evaluate
 from .hiders import HiderTracker
 from .learner import (AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, ProgressCB, Schedule, StepLogCB,
-                                     RUN_ONLY_KEYS, TrainingDiverged)
+                                     RUN_ONLY_KEYS, TrainingDiverged, resume_checkpoint)
 from .methods import METHODS, PROBES
 from .objectives import OBJECTIVES
 from .registry import PRESETS, import_plugins
 from .runs import (DATASET_EPS, RUN_DIR_FILE_ENV, RUN_SETTINGS, Run, RunSettings, apply_preset, build_method,
                                   build_model, build_objective, component_params, context, flat_config, group_config, is_grouped, known_names,
-                                  preset_table, resolve_config, run_components, schema, unknown_names_error)
+                                  preset_table, resolve_config, restore_advice, run_components, schema, unknown_names_error, verify_run)
 from .probes import mechanism_flags
 
 # %% auto #0
@@ -81,6 +81,7 @@ def run_state(cfg:dict) -> tuple[Path, Path|None]:
     "(run folder, checkpoint to resume from or None), after checking the folder against `resume`; writes nothing."
     run_dir = Path(cfg['runs_dir'])/cfg['run_name']
     last = run_dir/'checkpoints'/'last.pt'
+    if not last.exists() and (run_dir/'checkpoints'/'prev.pt').exists(): last = run_dir/'checkpoints'/'prev.pt'  # killed between the two renames
     if cfg['resume'] is True and not last.exists():
         where = f'{run_dir} exists but holds no checkpoint yet' if run_dir.exists() else f'there is no run folder {run_dir}'
         raise ConfigError(f"resume = True: nothing to resume ({where}; looked for {last}). Use resume='auto' to continue a run "
@@ -88,7 +89,7 @@ def run_state(cfg:dict) -> tuple[Path, Path|None]:
     if run_dir.exists() and not cfg['resume']:
         raise ConfigError(f"run_name = {cfg['run_name']!r}: {run_dir} exists; pass resume=True (or 'auto') to continue it, or choose another name")
     if cfg['resume'] and (run_dir/'config.json').exists():
-        old, new = _comparable(json.loads((run_dir/'config.json').read_text())), _comparable(stored_config(cfg))
+        old, new = _comparable(read_json(run_dir/'config.json', restore_advice(run_dir))), _comparable(stored_config(cfg))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff: raise ConfigError(f"resume: {run_dir} was created with different settings ({', '.join(diff)})")
     return run_dir, (last if cfg['resume'] and last.exists() else None)
@@ -127,6 +128,7 @@ def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device) -> Report:
     if learn.failure: meta['ended_early'] = f"training diverged at epoch {learn.failure['epoch'] + 1}, step {learn.failure['step']}: {learn.failure['reason']}; the last good weights are evaluated (monitor suite)"
     skipped = sum(r.get('skipped_steps', 0) for r in learn.history)
     if skipped: meta['skipped_nonfinite_steps'] = skipped
+    if learn.interruptions: meta['interruptions'] = learn.interruptions  # stopped on a signal and resumed: when, where, why
     suite = 'monitor' if learn.failure else cfg['suite']
     report = evaluate(learn.eval_model().eval(), xt, yt, suite, n=cfg['n_report'], eps=cfg['eps'], seed=cfg['seed'], meta=meta)
     last_rec = learn.history[-1] if learn.history else {}
@@ -151,9 +153,9 @@ def _train_here(cfg:dict) -> TrainResult:
     status = None
     if distributed.is_main():  # rank 0 checks the folder; every process learns the outcome
         try: status = tuple(str(p) if p else None for p in run_state(cfg)) + (None,)
-        except ConfigError as e: status = (None, None, str(e))
+        except ConfigError as e: status = (None, None, e)
     run_dir, resume_from, error = distributed.gather_objects(status)[0]
-    if error: raise ConfigError(error)
+    if error: raise error
     run_dir, stored = Path(run_dir), stored_config(cfg)
     ctx = context(cfg, training=True, device=device, run_dir=run_dir, train=train)
     seed_everything(cfg['seed'])
@@ -176,6 +178,9 @@ def _train_here(cfg:dict) -> TrainResult:
     learn = Learner(model, method, loader, cfg['epochs'], cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['nesterov'],
                     schedule, cbs, device, cfg['channels_last'], cfg['amp'], cfg['compile'], config=stored,
                     nonfinite=cfg['nonfinite'], sync_bn=cfg['sync_bn'], config_reader=_comparable)
+    if resume_from is not None:  # last.pt, or prev.pt when last.pt is damaged (with a warning saying what is lost)
+        distributed.check_shared(Path(resume_from))
+        resume_from = resume_checkpoint(Path(resume_from).parent, device, run_dir/'steps.jsonl')
     try: learn.fit(resume_from=resume_from)
     except TrainingDiverged:
         _final_reports(cfg, learn, run_dir, xt, yt, len(x) if cfg['n_train'] is None else cfg['n_train'], device)
@@ -404,12 +409,21 @@ def _parse_value(text:str):
 
 # %% ../nbs/08_train.ipynb #3f603f25
 def main(argv:list|None=None) -> int:
-    "`rblab-run NOTEBOOK [-p NAME VALUE]...`: run a pipeline notebook into its run folder; exit status 1 on failure."
+    "`rblab-run NOTEBOOK [-p NAME VALUE]...`: run a pipeline notebook into its run folder (exit 1 on failure, 75 stopped on a signal); `rblab-run --verify DIR`: check a run folder."
     import argparse
     ap = argparse.ArgumentParser(prog='rblab-run', description='Run a robustbench_lab pipeline notebook into runs/<run_name>/.')
-    ap.add_argument('notebook')
+    ap.add_argument('notebook', nargs='?')
     ap.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
+    ap.add_argument('--verify', metavar='DIR', help="check a run folder's files: what is damaged, what a resume would start from")
     args = ap.parse_args(argv)
+    if args.verify:
+        if not Path(args.verify).is_dir():
+            print(f'rblab-run: --verify {args.verify}: no such folder', file=sys.stderr)
+            return 1
+        found = verify_run(args.verify)
+        print(found)
+        return 0 if found.ok else 1
+    if args.notebook is None: ap.error('a notebook to run, or --verify DIR')
     params = {k: _parse_value(v) for k, v in args.parameter}
     try:
         if 'plugins' in params: params['plugins'] = import_plugins(params['plugins'])  # absolute paths: the kernel's folder may differ
@@ -422,6 +436,9 @@ def main(argv:list|None=None) -> int:
     try: run_dir = run_pipeline(args.notebook, params, cwd=Path.cwd())
     except Exception as e:
         msg = str(e)
+        if 'RunInterrupted' in msg:  # the kernel stopped on a signal at a checkpointed step
+            print(f"rblab-run: {next((l for l in msg.splitlines() if 'RunInterrupted' in l), 'stopped on a signal')}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         m = re.search(r'ConfigError: (.*)', msg)
         print(f'rblab-run: {m[1] if m else msg.strip().splitlines()[-1] if msg.strip() else type(e).__name__}', file=sys.stderr)
         return 1
@@ -447,6 +464,9 @@ def cli_train(argv:list|None=None) -> int:
     except ConfigError as e:
         print(f'robustbench_lab.train: {e}', file=sys.stderr)
         return 1
+    except RunInterrupted as e:  # stopped on a signal at a checkpointed step: the status a requeueing job looks for
+        print(f'robustbench_lab.train: {e}', file=sys.stderr)
+        return EXIT_INTERRUPTED
     if distributed.is_main(): print(run.dir)
     distributed.leave_group()
     return 0

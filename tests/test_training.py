@@ -146,7 +146,7 @@ def test_sigkill_and_resume_ends_with_identical_weights(tmp_path, kill_at_step):
 def test_run_folder_and_metrics(tmp_path):
     run = train(run_name='r', report_best=True, **{**_common(tmp_path), 'checkpoint_every': None})
     assert sorted(p.name for p in run.dir.iterdir()) == ['checkpoints', 'config.json', 'hiders.pt', 'metrics.jsonl', 'report.json', 'report_best.json', 'steps.jsonl']
-    assert sorted(p.name for p in (run.dir/'checkpoints').iterdir()) == ['best.pt', 'last.pt']
+    assert sorted(p.name for p in (run.dir/'checkpoints').iterdir()) == ['best.pt', 'last.pt', 'prev.pt']  # two deep
     for m in run.metrics:
         assert {'epoch', 'lr', 'loss', 'clean_acc', 'robust_acc', 'seconds', 'train_img_per_s'} <= set(m)
         assert m['train_img_per_s'] > 0 and 0 <= m['robust_acc'] <= m['clean_acc'] <= 1
