@@ -128,7 +128,7 @@ class AFA(Method):
         c, s1 = ctx.cfg, {k: params.pop(k) for k in ('K', 'xi', 'attack_steps') if k in params}
         s2 = {k: params.pop(k) for k in ('clean_prob', 'samples', 'steps', 'alpha') if k in params}
         stage1, stage2 = (lambda: cls(objective, eps=params['eps'], **s1)), (lambda: AFAStage2(eps=params['eps'], **s2))
-        if ctx.dry: stage1(), stage2()  # one run's bad setting of the other stage is refused too
+        if ctx.dry: stage1(), stage2(), check('wg_width', params['wg_width'], int, lo=1)  # every stage's settings, either way
         if stage == 1: return stage1()
         if not ctx.checks: return stage2()
         if from_run is None: raise ConfigError("afa_from = None: AFA Stage II needs the Stage I run (afa_from='<run name or folder>')")
@@ -144,11 +144,11 @@ class AFA(Method):
     @classmethod
     def network(cls, ctx):
         "Stage I: the backbone with K-branch BNs; Stage II: the fused `AFAModel` (for training, on the Stage I run's last weights)."
-        c = ctx.cfg
-        backbone = ctx.create_model(norm_layer=partial(MultiBN, K=c['afa_K']))
-        if c['afa_stage'] == 1: return backbone
-        if ctx.training: backbone.load_state_dict(ctx.load_run(c['afa_from']).checkpoint('last')['model'])
-        return AFAModel(backbone, c['afa_placement'], c['afa_wg_width'])
+        own = ctx.own
+        backbone = ctx.create_model(norm_layer=partial(MultiBN, K=own['K']))
+        if own['stage'] == 1: return backbone
+        if ctx.training: backbone.load_state_dict(ctx.load_run(own['from_run']).checkpoint('last')['model'])
+        return AFAModel(backbone, own['placement'], own['wg_width'])
 
 # %% ../nbs/12_afa.ipynb #91ee4145
 class WeightGenerator(nn.Module):
@@ -201,6 +201,7 @@ class AFAModel(nn.Module):
                 ):
         super().__init__()
         self.placement = check('placement', placement, str, choices=['stem', 'per_layer'])
+        check('wg_width', wg_width, int, lo=1)
         self.backbone = backbone
         for l in multibn_layers(backbone):
             if l.K != 2: _replace(backbone, l, _keep_two(l))

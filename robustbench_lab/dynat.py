@@ -51,8 +51,7 @@ class DYNAT(Method):
     def recipe(cls, cfg, own):
         "The code's attack step 0.007 at ε 0.031 (scaled to the run's ε); with `code_forwards`, its guide forwards per step."
         out = dict(alpha=0.007*cfg['eps']/0.031)
-        # dynat.py forwards the guide once per attack step (for ŷ) and once for the loss; AWP_dynat.py twice in the loss
-        if cfg.get('code_forwards'): out['guide_bn_updates'] = (cfg['steps'] or 10) + 1 if own['inner'] == 'dynamic' else 2
+        if cfg.get('code_forwards'): out['guide_bn_updates'] = dynat_recipe(own['inner'], 'code', cfg['steps'] or 10)['guide_bn_updates']
         return out
 
     @classmethod
@@ -70,6 +69,7 @@ class DYNAT(Method):
         check('label_smoothing', label_smoothing, float, lo=0, hi=1, hi_open=True)
         guide = ctx.parts.get('guide')
         if guide is None and not ctx.dry: guide = ctx.create_model(guide_arch)
+        objective.bn_mode = None  # the code attacks the target in its own mode (eval), whatever the run's bn_mode
         return cls(guide, objective, **params)
 
     def __init__(self, guide:nn.Module|None, # the guide model, trained jointly with the same optimiser
@@ -77,8 +77,8 @@ class DYNAT(Method):
                  inner:Literal['trades', 'dynamic', 'label']='dynamic', # 'dynamic' (CE vs ŷ: dynat.py), 'trades' (KL: AWP_dynat.py, LBGAT) or 'label' (vs y)
                  lam:float=1.0, # weight λ of the target's dynamic-label loss (0.2: the code's CIFAR-100 AWP variants)
                  beta:float=0.0, # TRADES KL term on the target ("β = 0" / "β = 1" of Tables 1–2)
-                 awp:bool=False, # AWP on the target (AWP_dynat.py); also on whenever awp_gamma is given
-                 awp_gamma:float|None=None, # AWP's strength (None: the code's 0.005)
+                 awp:bool=False, # AWP on the target (AWP_dynat.py)
+                 awp_gamma:float|None=None, # AWP's strength (None or 0: the code's 0.005)
                  awp_warmup:int|None=None, # epochs before AWP starts; None: 9 of 100 (the code's `epoch >= 10`, epochs from 1)
                  awp_beta:float=6.0, # β of AWP's TRADES proxy loss (on ground truth, as in the code)
                  guide_mode:Literal['train', 'eval']='train', # compute ŷ with the guide in train mode (code) or eval mode
@@ -92,7 +92,7 @@ class DYNAT(Method):
         self.inner = check('inner', inner, str, choices=INNERS)
         self.lam, self.beta = check('lam', lam, float, lo=0), check('beta', beta, float, lo=0)
         check('awp_gamma', awp_gamma, float, lo=0, allow_none=True)
-        self.awp_gamma = (0.005 if awp_gamma is None else awp_gamma) if check('awp', awp, bool) or awp_gamma is not None else None
+        self.awp_gamma = (awp_gamma or 0.005) if check('awp', awp, bool) else None
         self.awp_warmup, self.awp_beta = check('awp_warmup', awp_warmup, int, lo=0, allow_none=True), check('awp_beta', awp_beta, float, lo=0)
         self.guide_train_mode = check('guide_mode', guide_mode, str, choices=['train', 'eval']) == 'train'
         self.guide_bn_updates = check('guide_bn_updates', guide_bn_updates, int, lo=1)
@@ -195,7 +195,7 @@ def dynat_variant(name:str, # a key of VARIANTS
     r = dynat_recipe(inner, recipe, steps)
     obj = dynat_objective(v['objective'], eps, r['alpha'], steps, r['clip_start'], **kw)
     return DYNAT(guide, obj, inner=inner, lam=1.0 if lam is None else lam, beta=v.get('beta', 0.0) if beta is None else beta,
-                 awp_gamma=awp_gamma if v.get('awp') else None, eps=eps, steps=steps, **r)
+                 awp=bool(v.get('awp')), awp_gamma=awp_gamma, eps=eps, steps=steps, **r)
 
 
 register_preset('dynat-code', dict(CIFAR10, **TRADES_CODE_BASE, code_forwards=True, method='dynat', objective='pgdat', arch='wrn-34-10',

@@ -215,14 +215,14 @@ class F2AT(Method):
         return cls(est[0], est[1], pretrain=est[2], pretrain_epoch=source_epochs or 1, **params)
 
     @classmethod
-    def min_rows(cls, cfg):
-        if cfg['f2at_alpha'] > 0 and cfg['f2at_ablation'] not in ('no_patterns', 'no_pd'):  # the MI bound in use
+    def min_rows(cls, cfg, own):
+        if own['alpha'] > 0 and own['ablation'] not in ('no_patterns', 'no_pd'):  # the MI bound in use
             return 2, "F²AT's in-batch MI bound needs at least 2 per process"
         return 1, ''
 
     @classmethod
-    def report_flags(cls, cfg):
-        return [dict(code='f2at_logits_unstable', kind='mechanism', message=F2AT_LOGITS_UNSTABLE)] if cfg['f2at_source'] == 'logits' else []
+    def report_flags(cls, cfg, own):
+        return [dict(code='f2at_logits_unstable', kind='mechanism', message=F2AT_LOGITS_UNSTABLE)] if own['source'] == 'logits' else []
 
     def __init__(self, est_nat:MIEstimator|None, est_pert:MIEstimator|None, # estimators (pre-trained; None in mode 'target')
                  K:int=2, # bit-planes of the natural pattern
@@ -246,8 +246,9 @@ class F2AT(Method):
         super().__init__(PGDAT(eps=eps, alpha=alpha_attack, steps=steps))
         self.K = check('K', K, int, lo=1, hi=8)
         self.ablation = check('ablation', ablation, str, choices=[a for a in ABLATIONS if a], allow_none=True)
-        self.alpha = 0.0 if ablation in ('no_patterns', 'no_pd') else check('alpha', alpha, float, lo=0)
-        self.gamma = 0.0 if ablation == 'no_margin' else check('gamma', gamma, float, lo=0)
+        alpha, gamma = check('alpha', alpha, float, lo=0), check('gamma', gamma, float, lo=0)  # checked whatever the ablation
+        self.alpha = 0.0 if ablation in ('no_patterns', 'no_pd') else alpha
+        self.gamma = 0.0 if ablation == 'no_margin' else gamma
         self.tau, self.v = check('tau', tau, float, lo=0, lo_open=True), check('v', v, float, lo=0, lo_open=True)
         self.margin = check('margin', margin, str, choices=['soft', 'hard'])
         self.source, self.mode = check('source', source, str, choices=['features', 'logits']), check('mode', mode, str, choices=MODES)

@@ -109,8 +109,8 @@ class HFAT(Method):
                  beta_r:float=0.0, # 'code' temperature of the standard branch (script; default 0.5)
                  beta_u:float=1.0, # 'code' temperature of the auxiliary branch (script; default 2.0)
                  lambda_a:float|None=None, # weighting='static': w_A = λ_A/(1 + λ_A), w_S = 1/(1 + λ_A)
-                 awp:bool=False, # AWP_HF: also compute the standard branch at AWP-perturbed weights (also on whenever awp_gamma is given)
-                 awp_gamma:float|None=None, # AWP_HF's strength (None: 0.01 with an objective declaring 'at_awp', as AT-AWP; 0.005 otherwise)
+                 awp:bool=False, # AWP_HF: also compute the standard branch at AWP-perturbed weights
+                 awp_gamma:float|None=None, # AWP_HF's strength (None or 0: 0.01 with an objective declaring 'at_awp', as AT-AWP; 0.005 otherwise)
                  std_attack:IterativeAttack|None=None, # override the standard-branch attack entirely
                  **kw, # eval_first_batch (the code attacks each epoch's first batch in eval mode; see `Method`)
                 ):
@@ -127,8 +127,7 @@ class HFAT(Method):
             raise ConfigError("lambda_a = None: weighting='static' needs the static weight λ_A (w_A = λ_A/(1 + λ_A))")
         self.static_weights = (1/(1 + lam), lam/(1 + lam)) if lam is not None else (0.1, 0.9)
         check('awp_gamma', awp_gamma, float, lo=0, allow_none=True)
-        on = check('awp', awp, bool) or awp_gamma is not None
-        self.awp_gamma = ((0.01 if 'at_awp' in objective.capabilities else 0.005) if awp_gamma is None else awp_gamma) if on else None
+        self.awp_gamma = (awp_gamma or (0.01 if 'at_awp' in objective.capabilities else 0.005)) if check('awp', awp, bool) else None
         self.std_attack = std_attack or self._standard_attack(objective.attack)
         self.proxy = None
 

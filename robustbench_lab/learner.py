@@ -214,7 +214,7 @@ def _compile(model, compile):
     setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
     return torch.compile(model) if compile is True else torch.compile(model, backend=compile)
 
-# %% ../nbs/07_learner.ipynb #3d6617b7
+# %% ../nbs/07_learner.ipynb #dd7516aa
 class StopRequests:
     "The stop signals, held while training: the first is remembered (`signal`); a second raises `RunInterrupted` at once."
     def __init__(self): self.signal, self.saved = None, {}
@@ -366,8 +366,8 @@ class TrainingLoop:
         except TrainingDiverged:
             self.callback('after_fail')
             raise
-        except RunInterrupted:
-            self.callback('after_fail')  # (closes what callbacks hold open)
+        except BaseException:  # a signal's stop, a failed write, any error: what callbacks hold open is closed
+            self.callback('after_fail')
             raise
         self.callback('after_fit')
         return self

@@ -98,6 +98,7 @@ class Method(Component):
     takes_objective = True # False: the method forms its own loss; the run then records `stands_for` as its objective
     stands_for = None # with takes_objective False: the objective the run records ('pgdat' for F²AT and OAT)
     requires = frozenset() # capabilities its objective must offer (keys of registry.CAPABILITIES)
+    accepts = () # with takes_objective False: other objective names it takes, and ignores (LBGAT: 'trades', its attack's)
     extra_models = () # names of the models `setup` returns, trained jointly (the run logs their accuracy)
 
     @classmethod
@@ -118,16 +119,16 @@ class Method(Component):
 
     @classmethod
     def network(cls, ctx:BuildContext) -> nn.Module:
-        "The run's network, freshly initialised (OAT's and AFA's are of their own kind)."
+        "The run's network, freshly initialised (OAT's and AFA's are of their own kind; `ctx.own` holds the method's settings)."
         return ctx.create_model()
 
     @classmethod
-    def min_rows(cls, cfg:dict) -> tuple[int, str]:
-        "(the fewest rows of a batch each process may hold, why): an in-batch estimate needs two."
+    def min_rows(cls, cfg:dict, own:dict) -> tuple[int, str]:
+        "(the fewest rows of a batch each process may hold, why): an in-batch estimate needs two (`own`: its settings)."
         return 1, ''
 
     @classmethod
-    def report_flags(cls, cfg:dict) -> list[dict]:
+    def report_flags(cls, cfg:dict, own:dict) -> list[dict]:
         "Warnings the run's report carries about this configuration (e.g. a setting known to be unstable)."
         return []
 
@@ -341,7 +342,7 @@ class SEAT(Standard):
 @register_method('lbgat')
 class LBGAT(Method):
     "Learnable boundary-guided AT: a natural model guides the robust model's logits through an MSE term."
-    takes_objective = False
+    takes_objective, accepts = False, ('trades',)
     extra_models = ('natural',)
     flat_names = dict(beta='beta', eps='eps', alpha='alpha', steps='steps', clip_start='clip_start', natural_arch='natural_arch')
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -169,6 +170,7 @@ def _init_chain(cls) -> list[tuple[type, Any]]:
     return chain
 
 
+@functools.lru_cache(maxsize=None)
 def declared_params(cls:type, # a component class
                     prefix:str, # its registered name: flat names are '<prefix>_<name>' unless `flat_names` says otherwise
                    ) -> dict[str, Param]:
@@ -233,7 +235,7 @@ class Registry:
             raise ConfigError(f'{self.kind} name {name!r}: expected a letter, then letters, digits, _'
                               + ('' if self.identifiers else ' or -') + ' (at most 64)')
         old = self._items.get(name)
-        if old is not None and old is not obj:
+        if old is not None and old is not obj and (isinstance(obj, type) or old != obj):  # (an equal preset is the same recipe)
             warnings.warn(f'{self.kind} {name!r}: {_origin(old)} is replaced by {_origin(obj)}', stacklevel=3)
         self._items[name] = obj
         return obj
@@ -334,6 +336,8 @@ def import_plugins(plugins, # module names or .py paths (a string or a list)
             path = Path(item).expanduser()
             path = (Path(base) if base else Path.cwd())/path if not path.is_absolute() else path
             key = str(path.resolve())
+            if key not in _PLUGINS:  # a module imported already from that file (by name, or as an entry point) is not run again
+                _PLUGINS.update({key: m for m in list(sys.modules.values()) if _file_of(m) == key})
             if key not in _PLUGINS:
                 if not path.is_file(): raise ConfigError(f'plugins: {item!r}: no such file ({key})')
                 name = path.stem if path.stem.isidentifier() else 'rblab_plugin'
@@ -351,6 +355,12 @@ def import_plugins(plugins, # module names or .py paths (a string or a list)
                 except Exception as e: raise ConfigError(f'plugins: {item!r} failed to import: {type(e).__name__}: {e}') from e
             recorded.append(item)
     return recorded
+
+
+def _file_of(module) -> str|None:
+    f = getattr(module, '__file__', None)
+    try: return str(Path(f).resolve()) if f else None
+    except (OSError, ValueError): return None
 
 
 def _exec_module(name, path, item):
@@ -390,3 +400,4 @@ class BuildContext:
     load_run: Callable|None = None # (name or folder) -> Run
     load_model: Callable|None = None # (run folder or checkpoint file) -> its result model (HELP's given helper)
     checks: bool = True # check the runs and files that settings name (off when only rebuilding a finished run's model)
+    own: dict = field(default_factory=dict) # the settings of the component being built (or whose network is), by signature name

@@ -5,6 +5,7 @@
 # %% ../nbs/08_runs.ipynb #47270592
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -32,9 +33,10 @@ from .registry import (EMPTY, PRESET_DOCS, PRESETS, BuildContext, declared_param
 # %% auto #0
 __all__ = ['RUN_SETTINGS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'CONFIG_FORMAT', 'RunSettings', 'component_params', 'owners',
            'known_names', 'unknown_names_error', 'schema', 'preset_table', 'run_components', 'component_values',
-           'unused_settings', 'preset_values', 'apply_preset', 'build_components', 'resolve_config', 'context',
-           'build_model', 'build_objective', 'build_method', 'group_config', 'is_grouped', 'upgrade_config',
-           'flat_config', 'restore_advice', 'restore_config', 'read_report', 'RunCheck', 'verify_run', 'Run']
+           'unused_settings', 'preset_values', 'apply_preset', 'speaking', 'method_settings', 'build_components',
+           'Config', 'resolve_config', 'context', 'build_model', 'build_objective', 'build_method', 'group_config',
+           'is_grouped', 'upgrade_config', 'flat_config', 'restore_advice', 'restore_config', 'read_report', 'RunCheck',
+           'verify_run', 'Run']
 
 # %% ../nbs/08_runs.ipynb #d68f7687
 @dataclass
@@ -184,10 +186,16 @@ def _usable(p, value) -> bool: return value is not None or p.nullable
 def component_values(cfg:dict, # the run settings (resolved), with the method and objective names
                      given:dict, # explicit values by flat name
                      preset:dict|None=None, # the preset's values by flat name
+                     sources:dict|None=None, # filled with each flat name's source: 'given', 'preset', 'recipe' or 'default'
                     ) -> tuple[dict, dict]:
     "(flat values of the components' own settings, {role: {signature name: value}} including the run-bound ones)."
     comps, preset = run_components(cfg), preset or {}
     decl = {role: component_params(cls, name) for role, name, cls in comps}
+    for (role, name, cls), d in zip(comps, decl.values()):
+        for p in d.values():  # a parameter whose '<name>_<parameter>' happens to be a run setting would silently take the run's value
+            if p.flat in RUN_SETTINGS and p.flat == f'{name}_{p.name}':
+                raise ConfigError(f"{role} {name!r} ({cls.__name__}): its parameter {p.name!r} would be train()'s run setting {p.flat!r}; "
+                                  "rename it, or map it to a name of its own in `flat_names`")
     first = {}  # flat name -> its declaration: the method's first, so that a shared name takes the method's default
     for role, _, _ in comps:
         for p in decl[role].values():
@@ -214,6 +222,7 @@ def component_values(cfg:dict, # the run settings (resolved), with the method an
                 if cfg.get(p.flat) is None: run_bound[role][name] = v
             elif source[p.flat] in ('default', 'recipe'): values[p.flat], source[p.flat] = v, 'recipe'
     for flat, p in first.items(): values[flat] = p.validate(values[flat])
+    if sources is not None: sources.update(source)
     kwargs = {}
     for role in decl:
         kw = {}
@@ -262,7 +271,7 @@ def _check_choices(c:dict):
         c['objective'] = check('objective', c['objective'] or 'pgdat', str)
         OBJECTIVES[c['objective']]
     else:
-        if c['objective'] not in (None, m.stands_for):
+        if c['objective'] not in (None, m.stands_for, *m.accepts):
             raise ConfigError(f"objective = {c['objective']!r}: method {c['method']!r} forms its own loss"
                               + (f" (recorded as objective {m.stands_for!r})" if m.stands_for else '') + '; leave objective unset')
         c['objective'] = m.stands_for
@@ -339,7 +348,7 @@ def _check_run_settings(c:dict):
 
 def _check_data(c:dict):
     "The data set exists here and holds what n_train, n_eval, the process count and the method ask for."
-    least_rows, why = METHODS[c['method']].min_rows(c)
+    least_rows, why = METHODS[c['method']].min_rows(c, method_settings(c))
     for split in ('train', 'test'):
         try: n_avail = len(load_arrays(c['dataset'], split)[1])
         except DataNotFoundError as e: raise ConfigError(f"dataset = {c['dataset']!r}: {e}") from None
@@ -359,23 +368,36 @@ def _check_data(c:dict):
             c['n_report'] = min(c['n_report'] or settings().eval_n, n_avail)
 
 # %% ../nbs/08_runs.ipynb #829a00c7
+@contextlib.contextmanager
+def speaking(names:dict, # a name in the error -> the name the reader knows it by
+             assigned:bool=False, # only where the name is assigned (`steps_s = 0`, `weighting='static'`), not wherever it stands
+            ):
+    "Re-raise a `ConfigError` in the reader's names, in one pass: a component's (`steps_s` → `hfat_steps_s`), a pipeline's (`afa_K` → `K`)."
+    try: yield
+    except ConfigError as e:
+        names = {k: v for k, v in names.items() if k != v}
+        if not names: raise
+        pattern = '|'.join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+        msg = re.sub(rf'(?<![\w.])({pattern})' + (r'(?=\s?=)' if assigned else r'(?![\w])'), lambda m: names[m[1]], str(e))
+        if msg == str(e): raise
+        raise type(e)(msg) from None
+
+
 def _speaking_flat(decl:dict):
-    "Rewrite a component's `ConfigError` from its signature names (`steps_s = 0`) to train()'s (`hfat_steps_s = 0`)."
-    import contextlib
-    @contextlib.contextmanager
-    def ctx():
-        try: yield
-        except ConfigError as e:
-            msg = str(e)
-            for n, p in sorted(decl.items(), key=lambda kv: -len(kv[0])):
-                if p.flat != n: msg = re.sub(rf'(?<![\w.]){re.escape(n)}(?=\s?=)', p.flat, msg)
-            if msg == str(e): raise
-            raise ConfigError(msg) from None
-    return ctx()
+    "A component's errors in train()'s names: its signature's `steps_s = 0` is `hfat_steps_s = 0`."
+    return speaking({n: p.flat for n, p in decl.items()}, assigned=True)
+
+
+def method_settings(cfg:dict) -> dict:
+    "The configured method's settings by signature name (the run-bound ones with the run's values)."
+    m = METHODS[cfg['method']]
+    given = {p.flat: cfg[p.flat] for p in component_params(m, cfg['method']).values() if p.flat in cfg}
+    return component_values(cfg, given)[1]['method']
 
 
 def build_components(cfg:dict, # a resolved configuration
                      ctx:BuildContext, # dry for validation; the workbench's services for training
+                     objective_only:bool=False, # build the objective alone (None when the method takes none)
                      **parts, # parts the caller already has (helper=..., estimators=..., guide=...)
                     ) -> tuple:
     "(objective or None, method) of the configuration, built through the classes' `build`."
@@ -386,8 +408,11 @@ def build_components(cfg:dict, # a resolved configuration
     comps = {role: (name, cls) for role, name, cls in run_components(cfg)}
     if 'objective' in comps:
         name, cls = comps['objective']
+        ctx.own = kw['objective']
         with _speaking_flat(component_params(cls, name)): objective = cls.build(ctx, **kw['objective'])
+    if objective_only: return objective, None
     name, cls = comps['method']
+    ctx.own = kw['method']
     with _speaking_flat(component_params(cls, name)): method = cls.build(ctx, objective, **kw['method'])
     return objective, method
 
@@ -399,6 +424,28 @@ def _resume_plugins(params:dict) -> list:
     try: raw = json.loads(p.read_text())
     except (OSError, ValueError): return []
     return list(raw.get('plugins') or []) if isinstance(raw, dict) and raw.get('format') == CONFIG_FORMAT else []
+
+
+class Config(dict):
+    "A resolved configuration (train()'s flat names); `derived`: the names of component settings a recipe or a default chose."
+    derived: frozenset = frozenset()
+
+    def given(self) -> dict:
+        "The settings to pass to train() again for the same run (derived ones left to be derived again, in their own context)."
+        return {k: v for k, v in self.items() if k not in self.derived}
+
+
+def _module_plugins(c:dict) -> list[str]:
+    "Files of the modules that registered the run's components, where no plug-in list or entry point brings them (recorded)."
+    import importlib.metadata, sys
+    eps = {ep.value.split(':')[0] for ep in importlib.metadata.entry_points(group='robustbench_lab.plugins')}
+    out = []
+    for _, _, cls in run_components(c):
+        mod = sys.modules.get(cls.__module__)
+        f = getattr(mod, '__file__', None)
+        if cls.__module__.split('.')[0] in ('robustbench_lab', '__main__') or f is None or cls.__module__ in eps: continue
+        out.append(str(Path(f).resolve()))
+    return out
 
 
 def resolve_config(**params) -> dict:
@@ -414,8 +461,8 @@ def resolve_config(**params) -> dict:
         if isinstance(v, float) and not math.isfinite(v): check(k, v, float)
     _check_choices(c)
     _check_training(c)
-    given = {k: v for k, v in params.items() if k not in RUN_SETTINGS}
-    values, _ = component_values(c, given, {k: v for k, v in preset.items() if k not in RUN_SETTINGS})
+    given, sources = {k: v for k, v in params.items() if k not in RUN_SETTINGS}, {}
+    values, _ = component_values(c, given, {k: v for k, v in preset.items() if k not in RUN_SETTINGS}, sources)
     unused = unused_settings(c, given, values)
     if unused:  # one configuration for several methods (a study's base, a figure's stand-ins) is fine; a forgotten method= is not
         uses = f"method {c['method']!r}" + (f" and objective {c['objective']!r}" if c.get('objective') else '')
@@ -423,9 +470,12 @@ def resolve_config(**params) -> dict:
     c.update(values)
     _check_run_settings(c)
     build_components(c, context(c, dry=True))
-    for flag in METHODS[c['method']].report_flags(c): warnings.warn(flag['message'], stacklevel=2)
+    for flag in METHODS[c['method']].report_flags(c, method_settings(c)): warnings.warn(flag['message'], stacklevel=2)
     _check_data(c)
-    return c
+    c['plugins'] = (c['plugins'] or []) + [f for f in _module_plugins(c) if f not in (c['plugins'] or [])] or None
+    out = Config(c)
+    out.derived = frozenset(k for k, s in sources.items() if s in ('recipe', 'default'))
+    return out
 
 # %% ../nbs/08_runs.ipynb #2fc40f42
 def _create(cfg:dict):
@@ -446,18 +496,14 @@ def context(cfg:dict, dry:bool=False, **kw) -> BuildContext:
 def build_model(cfg:dict, arch:str|None=None, ctx:BuildContext|None=None) -> nn.Module:
     "The run's network as its method makes it, freshly initialised (`arch`: a plain network of that architecture)."
     if arch is not None and arch != cfg['arch']: return _create(cfg)(arch)
-    return METHODS[cfg['method']].network(ctx or context(cfg))
+    ctx = ctx or context(cfg)
+    ctx.own = method_settings(cfg)
+    return METHODS[cfg['method']].network(ctx)
 
 
 def build_objective(cfg:dict, ctx:BuildContext|None=None, **parts):
     "The objective of the configuration (None for a method with a loss of its own)."
-    if not METHODS[cfg['method']].takes_objective: return None
-    name = cfg['objective']
-    given = {p.flat: cfg[p.flat] for p in component_params(OBJECTIVES[name], name).values() if p.flat in cfg}
-    _, kw = component_values(cfg, given)
-    ctx = ctx or context(cfg)
-    ctx.parts.update(parts)
-    with _speaking_flat(component_params(OBJECTIVES[name], name)): return OBJECTIVES[name].build(ctx, **kw['objective'])
+    return build_components(cfg, ctx or context(cfg), objective_only=True, **parts)[0]
 
 
 def build_method(cfg:dict, ctx:BuildContext|None=None, **parts):
@@ -478,8 +524,9 @@ def group_config(cfg:dict) -> dict:
         if comp is None: out[role] = None; continue
         name, cls = comp
         decl = component_params(cls, name)
-        out[role] = dict(name=name, cls=f'{cls.__module__}.{cls.__qualname__}',
-                         settings={p.flat: cfg[p.flat] for p in decl.values() if p.flat not in RUN_SETTINGS},
+        own = [p.flat for p in decl.values() if p.flat not in RUN_SETTINGS]
+        out[role] = dict(name=name, cls=f'{cls.__module__}.{cls.__qualname__}', settings={k: cfg[k] for k in own},
+                         derived=sorted(k for k in own if k in getattr(cfg, 'derived', ())),  # chosen by a recipe or a default
                          uses={p.flat: kw[role].get(n) for n, p in decl.items() if p.flat in RUN_SETTINGS})
     return json.loads(json.dumps(out))  # tuples as lists, as the file holds them
 
@@ -495,9 +542,16 @@ def upgrade_config(old:dict) -> dict:
     return {**c, **values}
 
 
-def flat_config(raw:dict) -> dict:
+def flat_config(raw:dict, # a config.json
+                derived:bool=True, # also the settings a recipe or a default chose (False: what to pass to train() for this run again)
+               ) -> dict:
     "train()'s names and values from a config.json (grouped, or flat as written by the version before the registries)."
     if not is_grouped(raw): return upgrade_config(raw)
+    if not derived:
+        out = {**raw['run'], 'plugins': raw.get('plugins') or None}
+        for role in ('objective', 'method'):
+            if raw.get(role): out.update({k: v for k, v in raw[role]['settings'].items() if k not in raw[role].get('derived', ())})
+        return out
     out = {**{k: v for k, v in RUN_SETTINGS.items() if k not in ('resume', 'progress')}, **raw['run'], 'plugins': raw.get('plugins') or None}
     given = {}
     for role in ('objective', 'method'):
@@ -647,11 +701,11 @@ class Run:
 
     @staticmethod
     def model_from(path:str|Path, cfg:dict|None=None) -> nn.Module:
-        "The result model of a run folder, or of a checkpoint file (for the architecture of `cfg`)."
+        "The result model of a run folder, or of a checkpoint file of a plain network of `cfg`'s architecture (HELP's helper)."
         p = Path(path)
         if p.is_dir(): return Run.load(p).model()
         ck = load_checkpoint(p)
-        m = build_model(cfg)
+        m = _create(cfg)()  # a plain network of the run's architecture (a helper is one, whatever the run's method builds)
         m.load_state_dict(ck['eval_model'] if ck.get('eval_model') is not None else ck['model'])
         return m.eval()
 

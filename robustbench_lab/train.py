@@ -27,16 +27,16 @@ from .learner import (AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, Prog
 from .methods import METHODS, PROBES
 from .objectives import OBJECTIVES
 from .registry import PRESETS, import_plugins
-from .runs import (DATASET_EPS, RUN_DIR_FILE_ENV, RUN_SETTINGS, Run, RunSettings, apply_preset, build_method,
+from .runs import (DATASET_EPS, RUN_DIR_FILE_ENV, RUN_SETTINGS, Config, Run, RunSettings, apply_preset, build_method, method_settings,
                                   build_model, build_objective, component_params, context, flat_config, group_config, is_grouped, known_names,
-                                  preset_table, resolve_config, restore_advice, run_components, schema, unknown_names_error, verify_run)
+                                  preset_table, resolve_config, restore_advice, run_components, schema, speaking, unknown_names_error, verify_run)
 from .probes import mechanism_flags
 
 # %% auto #0
 __all__ = ['PIPELINE_FILE_ENV', 'run_or_tiny', 'scale_note', 'TrainResult', 'stored_config', 'run_state', 'method_probes',
            'session_components', 'worker_train', 'train', 'parameters_cell', 'pipeline_defaults', 'pipeline_values',
-           'pipeline_names', 'speaking', 'pipeline_params', 'check_pipeline_names', 'run_pipeline_notebook',
-           'run_pipeline', 'notebook_parameters', 'main', 'cli_train']
+           'pipeline_names', 'pipeline_params', 'check_pipeline_names', 'run_pipeline_notebook', 'run_pipeline',
+           'notebook_parameters', 'main', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #3488dfaa
 def run_or_tiny(name:str|None, # the run to draw
@@ -134,7 +134,7 @@ def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device) -> Report:
     last_rec = learn.history[-1] if learn.history else {}
     report.metrics.update({f'hider_ratio_{k}': last_rec[f'hider_{k}_d1'] for k in ('adv', 'nat') if f'hider_{k}_d1' in last_rec})
     report.metrics.update({k: v for k, v in last_rec.items() if k.startswith('probe_') and isinstance(v, (int, float))})
-    report.flags += mechanism_flags(last_rec) + METHODS[cfg['method']].report_flags(cfg)
+    report.flags += mechanism_flags(last_rec) + METHODS[cfg['method']].report_flags(cfg, method_settings(cfg))
     if distributed.is_main(): report.save(run_dir/'report.json')
     # rank 0's view of its own file decides for every process: the evaluation below is a collective
     if cfg['report_best'] and not learn.failure and distributed.gather_objects((run_dir/'checkpoints'/'best.pt').exists())[0]:
@@ -189,10 +189,23 @@ def _train_here(cfg:dict) -> TrainResult:
     return TrainResult(run_dir, flat_config(stored), list(learn.history), report, learn.eval_model().eval())
 
 # %% ../nbs/08_train.ipynb #b27e702c
+def _evaluate_hints(cls):
+    "String annotations replaced by their objects along the class's `__init__` chain and `build` (names used in hints only go missing when pickled by value)."
+    import inspect, typing
+    for k in cls.__mro__:
+        for fn in (vars(k).get('__init__'), getattr(vars(k).get('build'), '__func__', None)):
+            if getattr(fn, '__module__', None) == '__main__': fn.__annotations__ = typing.get_type_hints(fn)
+    return cls
+
+
 def session_components(cfg:dict) -> list[tuple[str, str, bytes]]:
-    "[(kind, name, pickled class)] of the run's components defined in this session (`__main__`), for worker processes."
+    "[(registry, name, pickled object)]: the run's components and probes defined in this session (`__main__`), and its preset."
     import cloudpickle
-    return [(role, name, cloudpickle.dumps(cls)) for role, name, cls in run_components(cfg) if cls.__module__ == '__main__']
+    out = [(role, name, cloudpickle.dumps(_evaluate_hints(cls))) for role, name, cls in run_components(cfg) if cls.__module__ == '__main__']
+    probe = PROBES.get(cfg['method'])
+    if probe is not None and getattr(probe, '__module__', None) == '__main__': out.append(('probes', cfg['method'], cloudpickle.dumps(probe)))
+    if cfg.get('preset'): out.append(('preset', cfg['preset'], cloudpickle.dumps(PRESETS[cfg['preset']])))  # (the same dict: no warning)
+    return out
 
 
 def worker_train(cfg:dict, # the resolved configuration
@@ -200,8 +213,9 @@ def worker_train(cfg:dict, # the resolved configuration
                 ) -> str|None:
     "The entry point of every process `train(nproc=N)` starts: register the session's classes, train as one rank; rank 0 returns the run folder."
     import cloudpickle
-    for kind, name, blob in session or []: (METHODS if kind == 'method' else OBJECTIVES).register(name, cloudpickle.loads(blob))
-    run = train(**cfg)
+    registries = dict(method=METHODS, objective=OBJECTIVES, probes=PROBES, preset=PRESETS)
+    for kind, name, blob in session or []: registries[kind].register(name, cloudpickle.loads(blob))
+    run = train(**(cfg.given() if isinstance(cfg, Config) else cfg))  # what recipes chose is chosen again, as in the launcher
     return str(run.dir) if distributed.is_main() else None
 
 
@@ -241,9 +255,12 @@ def parameters_cell(notebook:str|Path) -> dict:
 
 
 def pipeline_defaults(name:str) -> dict:
-    "A pipeline's parameters and tiny defaults, from its notebook's `parameters` cell ({} where the notebook cannot be found)."
+    "A pipeline's parameters and tiny defaults, from its notebook's `parameters` cell."
     path = _notebook_file(name)
-    return parameters_cell(path) if path else {}
+    if path is None:
+        raise ConfigError(f"pipeline {name!r}: its notebook {name}.ipynb is not in the working directory, nbs/, or the repository's nbs/ "
+                          f"(rblab-run tells the kernel where it is: run it so, or from the notebook's folder)")
+    return parameters_cell(path)
 
 
 def _assigned_names(source:str) -> list[str]:
@@ -285,18 +302,6 @@ def pipeline_names(values:dict, # the pipeline's parameters
         elif method and f'{method}_{k}' in known: out[k] = f'{method}_{k}'
         elif k in decl: out[k] = decl[k].flat
     return out
-
-
-@contextlib.contextmanager
-def speaking(aliases:dict):
-    "Re-raise a `ConfigError` about a train() parameter under the pipeline's own name for it (`afa_K` → `K`)."
-    try: yield
-    except ConfigError as e:
-        msg = str(e)
-        for internal, mine in sorted(aliases.items(), key=lambda kv: -len(kv[0])):
-            msg = re.sub(rf'(?<![\w.]){re.escape(internal)}(?![\w])', mine, msg)
-        if msg == str(e): raise
-        raise ConfigError(msg) from None
 
 
 def _preset_keys(preset, given:dict) -> set:
@@ -452,7 +457,7 @@ def cli_train(argv:list|None=None) -> int:
     try:
         if len(argv) == 1 and argv[0].endswith('.json'):
             raw = json.loads(Path(argv[0]).read_text())  # train() parameters, or a run's config.json (of any version)
-            params = flat_config(raw) if is_grouped(raw) else raw
+            params = flat_config(raw, derived=False) if is_grouped(raw) else raw  # (what recipes chose is chosen again)
             # under torchrun the group's size is the truth: a config.json written by a run on another number of processes still runs
             if distributed.launched(): params.pop('nproc', None)
         else:

@@ -218,7 +218,7 @@ def test_a_full_disk_ends_the_run_naming_the_file_and_the_space_keeping_the_last
     try:
         with pytest.raises(WriteFailed, match=r'No space left on device'): T.train(run_name='s', **dict(p, epochs=1, runs_dir=str(small)))
         assert not list(small.rglob('*.tmp'))
-    finally: subprocess.run(['umount', str(small)])
+    finally: subprocess.run(['umount', '-l', str(small)])
 
 
 def test_verify_says_what_is_damaged_and_what_a_resume_would_start_from(tmp_path):

@@ -46,7 +46,7 @@ def _step(method, model, x, y, lr=0.05):
                                   lambda h: HFAT(TRADES(**ATK), eps_s=0.1, alpha_s=0.05, steps_s=2),
                                   lambda h: HFAT(MART(**ATK), eps_s=0.1, alpha_s=0.05, steps_s=2),
                                   lambda h: HFAT(HELP(helper=h, **ATK), eps_s=0.1, alpha_s=0.05, steps_s=2),
-                                  lambda h: HFAT(PGDAT(**ATK), eps_s=0.1, alpha_s=0.05, steps_s=2, awp_gamma=0.01)],
+                                  lambda h: HFAT(PGDAT(**ATK), eps_s=0.1, alpha_s=0.05, steps_s=2, awp=True, awp_gamma=0.01)],
                          ids=['AT_HF', 'TRADES_HF', 'MART_HF', 'HELP_HF', 'AWP_HF'])
 def test_each_hf_composition_trains(make):
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def test_a_plugin_method_trains_and_its_settings_are_recorded_by_component(tmp_p
     run = train(run_name='mine', runs_dir=str(tmp_path), **TINY, **MINE)
     stored = json.loads((run.dir/'config.json').read_text())
     assert stored['plugins'] == [str(PLUGIN)]
-    assert stored['method'] == dict(name='mixgrad', cls='my_ideas.MixGrad', settings=dict(mixgrad_w=0.3), uses={})
+    assert stored['method'] == dict(name='mixgrad', cls='my_ideas.MixGrad', settings=dict(mixgrad_w=0.3), derived=[], uses={})
     assert stored['objective']['settings']['pgdat_ls_smoothing'] == 0.2 and stored['objective']['cls'] == 'my_ideas.LabelSmoothedPGDAT'
     assert not any(k.startswith(('hfat_', 'dynat_', 'afa_', 'f2at_')) for k in stored['run'])  # only the run's components
     steps = [json.loads(l) for l in (run.dir/'steps.jsonl').read_text().splitlines()]
@@ -125,23 +125,29 @@ def test_a_plugin_and_a_notebook_defined_method_reach_nproc_workers(tmp_path):
         if v.is_floating_point(): assert torch.allclose(v, _weights(two.dir)[k], rtol=0, atol=1e-5), k
     # a class of the launching script's own (module __main__, as in a notebook cell) travels to the workers by value
     out = _run(f'''
+        from __future__ import annotations  # hints as strings: the workers get the class with its hints evaluated
+        from typing import Literal
         import torch.nn.functional as F
         from robustbench_lab.methods import Method, register_method
+        from robustbench_lab.registry import register_preset
         from robustbench_lab.train import train
 
         @register_method('cellgrad')
         class CellGrad(Method):
-            def __init__(self, objective, scale:float=1.0): # scales the loss
+            def __init__(self, objective, scale:float=1.0, # scales the loss
+                         how:Literal['plain', 'twice']='plain'):
                 super().__init__(objective); self.scale = scale
             def compute_grads(self, model, x, y, backward):
                 x_adv = self.perturb(model, x, y); model.train()
                 loss, logs = self.objective.loss(model, x, x_adv, y); backward(self.scale*loss); return logs
 
+        register_preset('cell-recipe', dict(method='cellgrad', cellgrad_how='twice'))  # a recipe of this session too
+
         if __name__ == '__main__':
-            run = train(method='cellgrad', cellgrad_scale=0.5, nproc=2, run_name='cell', runs_dir={str(tmp_path)!r}, **{TINY!r})
-            print('OK', run.config['cellgrad_scale'])
+            run = train(preset='cell-recipe', cellgrad_scale=0.5, nproc=2, run_name='cell', runs_dir={str(tmp_path)!r}, **{TINY!r})
+            print('OK', run.config['cellgrad_scale'], run.config['cellgrad_how'])
         ''', tmp_path)
-    assert out.returncode == 0 and 'OK 0.5' in out.stdout, (out.stdout + out.stderr)[-2000:]
+    assert out.returncode == 0 and 'OK 0.5 twice' in out.stdout, (out.stdout + out.stderr)[-2000:]
 
 
 def test_a_plugin_runs_under_torchrun(tmp_path):
@@ -266,3 +272,38 @@ def test_every_pipeline_name_resolves_to_a_train_parameter():
         names = check_pipeline_names(values, pipeline_names(values, spec.get('method'), spec.get('aliases')), spec.get('own', ()))
         assert all(t in known_names() for t in names.values()), nb.name
         if spec.get('method'): assert any(t.startswith(f"{spec['method']}_") for t in names.values()), nb.name
+
+
+def test_what_a_recipe_chose_is_recorded_as_derived_and_chosen_again_where_a_configuration_is_reused(tmp_path):
+    from robustbench_lab.runs import flat_config, group_config
+    c = resolve_config(preset='dynat-code', dataset='digits', arch='small_cnn', guide_arch=None)
+    assert c['pgdat_init'] == 'normal' and {'pgdat_init', 'pgdat_clip_start', 'dynat_guide_bn_updates'} <= c.derived
+    stored = group_config(c)
+    assert 'pgdat_init' in stored['objective']['derived'] and 'dynat_inner' not in stored['method']['derived']  # the preset's
+    again = flat_config(stored, derived=False)  # what to pass to train() for this run again (as torchrun does from config.json)
+    assert 'pgdat_init' not in again and again['dynat_inner'] == 'dynamic'
+    other = resolve_config(**{**again, 'method': 'standard', 'code_forwards': False, 'clip_start': True, 'preset': None,
+                              'dynat_inner': None, 'guide_arch': None})
+    assert other['pgdat_init'] == 'uniform' and other['pgdat_clip_start']  # derived again, for PGD-AT alone
+    assert resolve_config(**c.given()) == c
+
+
+def test_registered_names_that_would_collide_with_run_settings_are_refused_and_lbgat_takes_trades():
+    @register_method('weight')
+    class Weight(Method):
+        def __init__(self, objective, decay:float=0.1): super().__init__(objective)  # weight_decay is the optimiser's
+        def compute_grads(self, model, x, y, backward): pass
+    with pytest.raises(ConfigError, match=r"method 'weight' \(Weight\): its parameter 'decay' would be train\(\)'s run setting 'weight_decay'"):
+        resolve_config(method='weight')
+    assert resolve_config(method='lbgat', objective='trades')['objective'] is None
+
+
+def test_a_component_of_a_normally_imported_module_is_recorded_as_a_plugin(tmp_path):
+    (tmp_path/'lab_ideas.py').write_text(PLUGIN.read_text().replace("'pgdat_ls'", "'pgdat_ls2'").replace("'mixgrad'", "'mixgrad2'"))
+    out = _run(f'''
+        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        import lab_ideas  # imported as a module, not through plugins=
+        from robustbench_lab.runs import resolve_config
+        print('OK', resolve_config(method='mixgrad2')['plugins'])
+        ''', tmp_path)
+    assert out.returncode == 0 and f"OK [{str(tmp_path/'lab_ideas.py')!r}]" in out.stdout, (out.stdout + out.stderr)[-2000:]
