@@ -374,10 +374,14 @@ def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
     import papermill as pm
     notebook = Path(notebook)
     if not notebook.is_file(): raise ConfigError(f'notebook = {str(notebook)!r}: no such notebook')
+    import logging
+    quiet = logging.Filter()  # train.ipynb takes every train() name, not only its cell's: papermill's "unknown parameter" is noise there
+    quiet.filter = lambda r: not (notebook.stem == 'train' and 'unknown parameter' in r.getMessage())
     with tempfile.TemporaryDirectory() as tmp:
         marker, out = Path(tmp)/'run_dir.txt', Path(tmp)/notebook.name
         saved = {k: os.environ.get(k) for k in (RUN_DIR_FILE_ENV, PIPELINE_FILE_ENV)}
         os.environ[RUN_DIR_FILE_ENV], os.environ[PIPELINE_FILE_ENV] = str(marker), str(notebook.resolve())
+        logging.getLogger('papermill').addFilter(quiet)
         try:
             pm.execute_notebook(str(notebook), str(out), parameters=parameters or {}, cwd=str(cwd or notebook.parent),
                                 progress_bar=False, log_output=False, kernel_manager_class=_kernel_manager_class())
@@ -385,6 +389,7 @@ def run_pipeline(notebook:str|Path, # a pipeline notebook, e.g. nbs/train.ipynb
             if marker.exists() and out.exists(): shutil.copyfile(out, Path(marker.read_text())/f'{notebook.stem}.failed.ipynb')
             raise
         finally:
+            logging.getLogger('papermill').removeFilter(quiet)
             for k, v in saved.items():
                 if v is None: os.environ.pop(k, None)
                 else: os.environ[k] = v
