@@ -43,8 +43,8 @@ __all__ = ['RUN_SETTINGS', 'RUN_DIR_FILE_ENV', 'DATASET_EPS', 'CONFIG_FORMAT', '
 class RunSettings:
     "A run's own settings; its objective's and method's are declared by their classes."
     # what to train
-    method:str='standard' # a registered method: standard | awp | seat | lbgat | hfat | dynat | afa | oat | f2at | a plug-in's
-    objective:str|None=None # a registered objective: clean | pgdat | trades | mart | help | gairat | mail | iat | a plug-in's (None: pgdat)
+    method:str='standard' # a registered method (`METHODS`: the built-in ones and the plug-ins')
+    objective:str|None=None # a registered objective (`OBJECTIVES`; None: pgdat, or the objective a method with its own loss stands for)
     dataset:str='digits' # cifar10 | cifar100 | svhn | tinyimagenet | fashionmnist | digits
     arch:str='small_cnn' # small_cnn | preact_resnet18 | resnet18 | resnet18_s1 | resnet34 | resnet50 | wrn-<depth>-<width> | vgg16
     width:int|None=None # small_cnn's width (None: 32)
