@@ -23,7 +23,7 @@ from . import distributed
 from .core import ConfigError, RunFileError, atomic_write, check, check_list, get_device, read_json, read_jsonl, settings
 from .data import DATASETS, DataNotFoundError, dataset_info, load_arrays
 from .evaluate import SUITES, Report
-from .learner import RUN_ONLY_KEYS, SCHEDULES, Schedule, check_amp, load_checkpoint, resume_checkpoint
+from .learner import SCHEDULES, Schedule, check_amp, load_checkpoint, resume_checkpoint
 from .methods import METHODS
 from .models import check_arch, create_model
 from .objectives import OBJECTIVES
@@ -628,7 +628,6 @@ def verify_run(path:str|Path) -> RunCheck:
     for p in sorted(d.glob('cache/*.json')): check_file(str(p.relative_to(d)), lambda p: read_json(p) and '')
     files += [(str(p.relative_to(d)), 'leftover', 'a write cut short: safe to delete (a resume removes it)') for p in sorted(d.rglob('.*.tmp'))]
     state = {n: s for n, s, _ in files}
-    steps = [det for n, s, det in files if n == 'steps.jsonl']
     if state.get('checkpoints/last.pt') == 'ok': resume = f"checkpoints/last.pt ({dict((n, det) for n, _, det in files)['checkpoints/last.pt']})"
     elif state.get('checkpoints/prev.pt') == 'ok':
         resume = (f"checkpoints/prev.pt ({dict((n, det) for n, _, det in files)['checkpoints/prev.pt']}): last.pt is "

@@ -5,7 +5,6 @@
 # %% ../nbs/08_train.ipynb #56c0e032
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import EXIT_INTERRUPTED, ConfigError, RunInterrupted, atomic_write, check, get_device, read_json, seed_everything
+from .core import EXIT_INTERRUPTED, ConfigError, RunInterrupted, atomic_write, get_device, read_json, seed_everything
 from .data import Loader, default_augment, load_arrays
 from .evaluate import Report, evaluate
 from .hiders import HiderTracker
@@ -27,6 +26,7 @@ from .learner import (AccuracyCB, CheckpointCB, EvalCB, Learner, MetricsCB, Prog
 from .methods import METHODS, PROBES
 from .objectives import OBJECTIVES
 from .registry import PRESETS, import_plugins
+# (DATASET_EPS, RUN_SETTINGS, RunSettings, apply_preset, build_objective, preset_table, schema: the run API as `train` has offered it)
 from .runs import (DATASET_EPS, RUN_DIR_FILE_ENV, RUN_SETTINGS, Config, Run, RunSettings, apply_preset, build_method, method_settings,
                                   build_model, build_objective, component_params, context, flat_config, group_config, is_grouped, known_names,
                                   preset_table, resolve_config, restore_advice, run_components, schema, speaking, unknown_names_error, verify_run)
@@ -191,7 +191,7 @@ def _train_here(cfg:dict) -> TrainResult:
 # %% ../nbs/08_train.ipynb #b27e702c
 def _evaluate_hints(cls):
     "String annotations replaced by their objects along the class's `__init__` chain and `build` (names used in hints only go missing when pickled by value)."
-    import inspect, typing
+    import typing
     for k in cls.__mro__:
         for fn in (vars(k).get('__init__'), getattr(vars(k).get('build'), '__func__', None)):
             if getattr(fn, '__module__', None) == '__main__': fn.__annotations__ = typing.get_type_hints(fn)
