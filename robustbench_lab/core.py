@@ -24,7 +24,7 @@ __all__ = ['SETTINGS_SECTION', 'ENV_VARS', 'DEFAULT_SETTINGS', 'EXIT_INTERRUPTED
            'keep_freed_memory', 'seed_everything', 'get_rng_state', 'set_rng_state', 'mix_seed', 'RandomScope',
            'random_scope', 'random_subset', 'sample_rand', 'sample_randn', 'shared_rand', 'shared_generator',
            'sample_rows', 'WriteFailed', 'write_failed', 'atomic_write', 'RunFileError', 'read_json', 'read_jsonl',
-           'RunInterrupted', 'first_nonfinite']
+           'RunInterrupted', 'RunLocked', 'describe_holder', 'FolderLock', 'first_nonfinite']
 
 # %% ../nbs/00_core.ipynb #5da0b6dd
 class ConfigError(ValueError):
@@ -484,7 +484,7 @@ def read_jsonl(path:str|Path, # a JSON-lines log
 
 # %% ../nbs/00_core.ipynb #e8fc0f85
 EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: the run stopped on a signal at a checkpointed step; resume it
-STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGINT')
+STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGUSR2', 'SIGINT')  # SIGUSR2: submitit's warning before a Slurm time limit or preemption
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -492,6 +492,79 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, message:str, record:dict):
         super().__init__(message)
         self.record = record
+
+# %% ../nbs/00_core.ipynb #89d44728
+class RunLocked(ConfigError):
+    "Another live process is writing this run folder; the message names it (host, pid, since when)."
+
+
+def _lock_holder(fd:int) -> dict:
+    import json
+    try: return json.loads(os.pread(fd, 4096, 0).decode() or '{}')
+    except (OSError, ValueError): return {}
+
+
+def describe_holder(holder:dict) -> str:
+    "'pid 123 on host h since 2026-12-07 01:02:03 (Slurm job 45)' from a lock file's record."
+    if not holder: return 'a process that left no record'
+    job = f" (Slurm job {holder['slurm_job']})" if holder.get('slurm_job') else ''
+    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}{job}"
+
+
+class FolderLock:
+    "The exclusive right to write `folder`, held by this process (a context manager); `RunLocked` when another process holds it."
+    def __init__(self, folder:str|Path # the run folder (it need not exist yet)
+                ):
+        self.folder = Path(folder)
+        self.path = self.folder.parent/f'.{self.folder.name}.lock'
+        self.fd, self.took_over = None, None
+
+    def acquire(self) -> 'FolderLock':
+        import fcntl, json, socket, time, warnings
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd); os.close(fd)
+                raise RunLocked(f'{self.folder}: another process is writing this run folder: {describe_holder(holder)}. '
+                                'Wait for it to end (or stop it), or choose another run_name.') from None
+            try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError: same = False
+            if same: break
+            os.close(fd)  # released and removed between our open and our lock: take the new file
+        left = _lock_holder(fd)
+        if left:  # a record without a live holder: its process died holding the lock
+            self.took_over = left
+            warnings.warn(f'{self.folder}: taking over the lock left by {describe_holder(left)}, which ended without releasing it')
+        record = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime('%Y-%m-%d %H:%M:%S'),
+                      slurm_job=os.environ.get('SLURM_JOB_ID'))
+        os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(record).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is None: return
+        try: os.unlink(self.path)  # while still locked: whoever opened this file before retries on the path
+        except FileNotFoundError: pass
+        os.close(self.fd); self.fd = None
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+
+    @staticmethod
+    def holder(folder:str|Path) -> dict|None:
+        "Who is writing `folder` now (their record), or None when nobody is."
+        import fcntl
+        path = Path(folder).parent/f'.{Path(folder).name}.lock'
+        try: fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError: return None
+        try:
+            try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError: return _lock_holder(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally: os.close(fd)
 
 # %% ../nbs/00_core.ipynb #b51d9e3f
 def first_nonfinite(named_tensors, # (name, tensor or None) pairs

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import EXIT_INTERRUPTED, ConfigError, RunInterrupted, atomic_write, get_device, read_json, seed_everything
+from .core import (EXIT_INTERRUPTED, ConfigError, FolderLock, RunInterrupted, RunLocked, atomic_write, describe_holder,
+                                  get_device, read_json, seed_everything)
 from .data import Loader, default_augment, load_arrays
 from .evaluate import Report, evaluate
 from .hiders import HiderTracker
@@ -149,10 +150,20 @@ def _final_reports(cfg, learn, run_dir, xt, yt, n_train, device) -> Report:
 def _train_here(cfg:dict) -> TrainResult:
     "Train in this process: alone, or as one process of a group (torchrun, or the workers `train(nproc=N)` starts)."
     if distributed.launched(): distributed.join_group(cfg['backend'])
+    # rank 0 writes the run folder: it holds the folder's lock from before its first look until the run has ended
+    lock = FolderLock(Path(cfg['runs_dir'])/cfg['run_name']) if distributed.is_main() else None
+    try: return _train_locked(cfg, lock)
+    finally:
+        if lock: lock.release()
+
+
+def _train_locked(cfg:dict, lock:FolderLock|None) -> TrainResult:
     device = distributed.local_device(get_device(cfg['device']))
     status = None
     if distributed.is_main():  # rank 0 checks the folder; every process learns the outcome
-        try: status = tuple(str(p) if p else None for p in run_state(cfg)) + (None,)
+        try:
+            lock.acquire()  # RunLocked when another process writes this folder
+            status = tuple(str(p) if p else None for p in run_state(cfg)) + (None,)
         except ConfigError as e: status = (None, None, e)
     run_dir, resume_from, error = distributed.gather_objects(status)[0]
     if error: raise error
@@ -223,7 +234,9 @@ def train(**params) -> TrainResult:
     "Validate the parameters, train, evaluate, and leave everything in `runs/<run_name>/` (the names: `schema()`; recipes: `preset_table()`)."
     cfg = resolve_config(**params)
     if cfg['nproc'] == 1 or distributed.launched(): return _train_here(cfg)
-    run_state(cfg)  # every check before any process starts: a bad folder or resume leaves nothing behind
+    holder = FolderLock.holder(Path(cfg['runs_dir'])/cfg['run_name'])  # every check before any process starts
+    if holder: raise RunLocked(f"{Path(cfg['runs_dir'])/cfg['run_name']}: another process is writing this run folder: {describe_holder(holder)}")
+    run_state(cfg)  # a bad folder or resume leaves nothing behind
     run_dir = Path(distributed.launch(worker_train, (cfg, session_components(cfg)), nproc=cfg['nproc']))
     run = Run.load(run_dir)
     return TrainResult(run.dir, run.config, run.metrics, run.report, run.model(device=get_device(cfg['device'])))
