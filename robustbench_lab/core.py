@@ -493,7 +493,7 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.record = record
 
-# %% ../nbs/00_core.ipynb #89d44728
+# %% ../nbs/00_core.ipynb #ce12f054
 class RunLocked(ConfigError):
     "Another live process is writing this run folder; the message names it (host, pid, since when)."
 
@@ -506,7 +506,7 @@ def _lock_holder(fd:int) -> dict:
 
 def describe_holder(holder:dict) -> str:
     "'pid 123 on host h since 2026-12-07 01:02:03 (Slurm job 45)' from a lock file's record."
-    if not holder: return 'a process that left no record'
+    if not holder or not holder.get('pid'): return 'a process whose record is not written yet'
     job = f" (Slurm job {holder['slurm_job']})" if holder.get('slurm_job') else ''
     return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}{job}"
 
@@ -522,11 +522,14 @@ class FolderLock:
     def acquire(self) -> 'FolderLock':
         import fcntl, json, socket, time, warnings
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        tries = 0
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _lock_holder(fd); os.close(fd)
+                tries += 1
+                if tries < 20 and not holder.get('pid'): time.sleep(0.05); continue  # a look by `holder()`, or a writer still writing its record
                 raise RunLocked(f'{self.folder}: another process is writing this run folder: {describe_holder(holder)}. '
                                 'Wait for it to end (or stop it), or choose another run_name.') from None
             try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
@@ -554,14 +557,14 @@ class FolderLock:
 
     @staticmethod
     def holder(folder:str|Path) -> dict|None:
-        "Who is writing `folder` now (their record), or None when nobody is."
+        "Who is writing `folder` now (their record; `pid` None while it is being written), or None when nobody is."
         import fcntl
         path = Path(folder).parent/f'.{Path(folder).name}.lock'
         try: fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError: return None
         try:
             try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError: return _lock_holder(fd)
+            except BlockingIOError: return _lock_holder(fd) or {'pid': None}  # held: never an empty (false) record
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally: os.close(fd)

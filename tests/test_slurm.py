@@ -1,12 +1,17 @@
 """A study on a real single-node Slurm cluster (tests/conftest.py starts it): a 2-cell x 2-seed study submitted through
-submitit as a job array; one job requeued with `scontrol requeue` while it trains stops at a checkpointed step, runs
-again and ends with weights bit-identical to an uninterrupted run."""
+submitit as one job array. Two jobs are interrupted while they train: one requeued by `scontrol requeue` (SIGTERM:
+the run stops at a checkpointed step and Slurm runs the job again), one sent submitit's warning signal SIGUSR2, as Slurm
+sends it before a time limit (the run stops at a checkpointed step and submitit's Checkpointable requeues the call). Both end
+with weights bit-identical to uninterrupted runs."""
 import json
+import os
+import signal
 import subprocess
 import time
 
 import torch
 
+from robustbench_lab.core import FolderLock
 from robustbench_lab.learner import load_checkpoint
 from robustbench_lab.study import Study, run_study
 from robustbench_lab.train import train
@@ -21,33 +26,56 @@ def _epochs(run_dir):
     except FileNotFoundError: return []
 
 
-def test_slurm_job_array_with_a_requeued_job_resumes_bit_identically(tmp_path, slurm_cluster):
+def _mid_run(study, runs, exclude=()):
+    "A run seen part-way through training (an epoch recorded, not finished)."
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        for r in study.runs:
+            recs = _epochs(runs/r.name)
+            if r.name not in exclude and 1 <= len(recs) < 4 and not (runs/r.name/'report.json').exists(): return r
+        time.sleep(0.2)
+    raise AssertionError(f'no run caught mid-training:\n{study.status().to_string()}')
+
+
+def _stopped_on(run_dir, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        stops = [x for x in _epochs(run_dir) if x.get('interrupted')]
+        if stops: return stops[0]['signal']
+        time.sleep(0.3)
+    raise AssertionError(f'{run_dir.name} did not stop: {_epochs(run_dir)}')
+
+
+def _release(job):
+    "A requeued job waits about two minutes (BeginTime): let it start now."
+    for _ in range(10):
+        out = subprocess.run(['squeue', '-h', '-r', '-j', job, '-o', '%T'], capture_output=True, text=True).stdout.strip()
+        if out == 'PENDING': subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], capture_output=True)
+        if out in ('PENDING', 'RUNNING', ''): return
+        time.sleep(0.5)
+
+
+def test_slurm_job_array_requeued_jobs_resume_bit_identically(tmp_path, slurm_cluster):
     runs = tmp_path/'runs'
     study = run_study(SPEC, executor='slurm', parallel=4, threads=1, timeout_min=20, wait=False, runs_dir=runs, progress=False)
     jobs = json.loads((study.folder/'jobs.json').read_text())
     assert len(jobs) == 4 and len({j.split('_')[0] for j in jobs.values()}) == 1  # one array
-    # requeue the first run seen part-way through training (an epoch recorded, not finished)
-    victim, t0 = None, time.time()
-    while victim is None and time.time() - t0 < 300:
-        for r in study.runs:
-            recs = _epochs(runs/r.name)
-            if 1 <= len(recs) < 4 and not (runs/r.name/'report.json').exists(): victim = r; break
-        time.sleep(0.2)
-    assert victim is not None, study.status().to_string()
-    job = jobs[victim.name]
-    assert subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True).returncode == 0
+    assert study.status().state.str.startswith(('queued', 'running')).all()
+    first = _mid_run(study, runs)
+    assert subprocess.run(['scontrol', 'requeue', jobs[first.name]], capture_output=True, text=True).returncode == 0
+    assert _stopped_on(runs/first.name) == 'SIGTERM'
+    second = _mid_run(study, runs, exclude={first.name})
+    # the warning Slurm sends before a time limit (--signal=USR2@90, as submitit asks), to the job's task: the training process
+    os.kill(FolderLock.holder(runs/second.name)['pid'], signal.SIGUSR2)
+    assert _stopped_on(runs/second.name) == 'SIGUSR2'
     t0 = time.time()
-    while not any(x.get('interrupted') for x in _epochs(runs/victim.name)) and time.time() - t0 < 120: time.sleep(0.5)
-    stop = [x for x in _epochs(runs/victim.name) if x.get('interrupted')]
-    assert stop and stop[0]['signal'] == 'SIGTERM', _epochs(runs/victim.name)
-    # a requeued job waits ~2 minutes (BeginTime); let it start now
-    for _ in range(20):
-        subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], capture_output=True)
+    while time.time() - t0 < 300 and not all((runs/r.name/'report_pgd.json').exists() for r in (first, second)):
+        for r in (first, second): _release(jobs[r.name])
         time.sleep(1)
-        if (runs/victim.name/'report.json').exists(): break
     st = study.wait(timeout_s=600, poll_s=1, progress=False)
     assert list(st.state) == ['done']*4, st.to_string()
-    reference = train(**{**victim.params, 'run_name': 'reference', 'progress': False})
-    a, b = load_checkpoint(runs/victim.name/'checkpoints'/'last.pt')['model'], load_checkpoint(reference.dir/'checkpoints'/'last.pt')['model']
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for r in (first, second):
+        ref = train(**{**r.params, 'run_name': f'reference-{r.name}', 'progress': False})
+        a, b = load_checkpoint(runs/r.name/'checkpoints'/'last.pt')['model'], load_checkpoint(ref.dir/'checkpoints'/'last.pt')['model']
+        assert all(torch.equal(a[k], b[k]) for k in a), r.name
     assert Study(SPEC, runs_dir=runs).results().shape[0] == 4

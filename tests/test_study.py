@@ -90,8 +90,10 @@ def _fake_run(runs, name, clean_hits, pgd_hits, aa_hits, hider):
     d.mkdir(parents=True)
     _report(d/'report.json', [True]*clean_hits + [False]*(10 - clean_hits), {})
     r = Report.load(d/'report.json'); r.metrics['hider_ratio_adv'] = hider; r.save(d/'report.json')
-    _report(d/'report_main.json', [True]*clean_hits + [False]*(10 - clean_hits), {'PGD': [True]*pgd_hits + [False]*(10 - pgd_hits)}, checkpoint='last')
-    _report(d/'report_aa.json', [True]*5, {'AA': [True]*aa_hits + [False]*(5 - aa_hits)}, checkpoint='last')
+    _report(d/'report_main.json', [True]*clean_hits + [False]*(10 - clean_hits), {'PGD': [True]*pgd_hits + [False]*(10 - pgd_hits)}, checkpoint='last',
+            tag='main', evaluation=dict(suite='monitor', n=10, only=None, exclude=None, checkpoint='last'))
+    _report(d/'report_aa.json', [True]*5, {'AA': [True]*aa_hits + [False]*(5 - aa_hits)}, checkpoint='last',
+            tag='aa', evaluation=dict(suite='hfat', n=5, only=['AA'], exclude=None, checkpoint='last'))
     (d/'metrics.jsonl').write_text(''.join(json.dumps(dict(epoch=e, train_seconds=10.0, seconds=12.0, robust_acc=0.1*(e + s)))+'\n'
                                            for e, s in [(0, clean_hits), (1, clean_hits)]))
 
@@ -115,22 +117,29 @@ def test_table_means_intervals_and_paired_differences_match_hand_computation(tmp
     assert close(b['diff_hi'] - b['diff'], 4.302653*(10/math.sqrt(3))/math.sqrt(3))
     # PGD: A 20, 30, 40; B 30, 40, 40 -> differences 10, 10, 0; the worst case over the first report equals PGD here
     assert close(t.loc[('B', 'PGD'), 'diff'], 20/3) and close(t.loc[('B', 'worst case'), 'mean'], 110/3)
-    # AA on its own 5 points is shown with its n; identical differences (every seed +20) have p = 0
-    assert close(t.loc[('B', 'AA (n=5)'), 'diff'], 20) and t.loc[('B', 'AA (n=5)'), 'p'] == 0 and close(t.loc[('A', 'AA (n=5)'), 'mean'], 40)
+    # AA on its own 5 points is shown with its n; identical differences (every seed +20) leave nothing to test: p undefined
+    assert close(t.loc[('B', 'AA (n=5)'), 'diff'], 20) and math.isnan(t.loc[('B', 'AA (n=5)'), 'p']) and close(t.loc[('A', 'AA (n=5)'), 'mean'], 40)
     assert close(t.loc[('A', 'hider ratio'), 'mean'], 0.1)
     s = study.summary()
-    assert s.loc['A', 'clean'] == '60.00 ± 24.84' and s.loc['A', 'seeds'] == 3 and s.loc['A', 'eval n'] == 10 and s.loc['A', 'train s'] == 20
+    assert s.loc['A', 'clean'] == '60.00 ± 24.84 (sd 10.00)' and s.loc['A', 'seeds'] == 3 and s.loc['A', 'eval n'] == 10 and s.loc['A', 'train s'] == 20
     d = study.differences()
     row = d[(d.cell == 'B') & (d.measure == 'clean')].iloc[0]
     assert row.difference == '+16.67' and row.p == f'{1 - 5/math.sqrt(27):.3f}' and bool(row.significant) and row.baseline == 'A'
+    aa = d[(d.cell == 'B') & (d.measure == 'AA (n=5)')].iloc[0]
+    assert aa.p == '' and not aa.significant
     # a per-cell baseline, and seeds missing on one side are not paired
     (runs/'h-A-s2'/'report_aa.json').unlink()
     t2 = study.table(baseline={'B': 'A'}).set_index(['cell', 'measure'])
     assert t2.loc[('B', 'clean'), 'n_pairs'] == 2 and 'diff' not in t2.loc[('A', 'clean')].dropna()
     md, tex = study.export(tmp_path/'out')
     text = md.read_text()
-    assert '| A | 2 | 55.00 ± 63.53 |' in text and 'Paired differences against `A`' in text
-    assert r'\begin{tabular}' in tex.read_text() and r'55.00 $\pm$ 63.53' in tex.read_text()
+    assert '| A | 2 | 55.00 ± 63.53 (sd 7.07) |' in text and 'Paired differences against `A`' in text
+    latex = tex.read_text()
+    assert r'\begin{tabular}' in latex and r'55.00 $\pm$ 63.53 (sd 7.07)' in latex and r'95\% CI' in latex and 'AA (n=5)' in latex
+    # a run missing a study report, or holding one made for another evaluation spec, is 'trained': the report is made again
+    assert list(study.status().state) == ['done']*4 + ['trained', 'done']  # (seeds outermost: h-A-s2 is fifth)
+    changed = Study(dict(spec, evaluate=[dict(tag='main', suite='monitor', n=8), spec['evaluate'][1]]), runs_dir=runs, validate=False)
+    assert changed.status().state.eq('trained').all()
 
 
 def _kill_at(tmp_path, params, step):
