@@ -79,3 +79,17 @@ def test_slurm_job_array_requeued_jobs_resume_bit_identically(tmp_path, slurm_cl
         a, b = load_checkpoint(runs/r.name/'checkpoints'/'last.pt')['model'], load_checkpoint(ref.dir/'checkpoints'/'last.pt')['model']
         assert all(torch.equal(a[k], b[k]) for k in a), r.name
     assert Study(SPEC, runs_dir=runs).results().shape[0] == 4
+
+
+def test_slurm_a_cell_reading_another_cells_run_starts_after_it(tmp_path, slurm_cluster):
+    base = dict(dataset='digits', arch='small_cnn', width=8, n_train=256, epochs=1, batch_size=64, n_eval=32, n_report=32, hider_n=32,
+                steps=2, method='afa', afa_K=2)
+    spec = dict(name='deps', base=base, seeds=[0, 1],
+                cells=[dict(label='Stage II', afa_stage=2, afa_from='{cell:Stage I}'), dict(label='Stage I', afa_stage=1)])
+    study = run_study(spec, executor='slurm', threads=1, timeout_min=20, runs_dir=tmp_path/'runs', progress=False, poll_s=1)
+    assert list(study.status().state) == ['done']*4, study.status().to_string()
+    jobs = json.loads((study.folder/'jobs.json').read_text())
+    stage1, stage2 = {j.split('_')[0] for k, j in jobs.items() if 'Stage_I-' in k}, {j.split('_')[0] for k, j in jobs.items() if 'Stage_II' in k}
+    assert len(stage1) == len(stage2) == 1 and stage1 != stage2  # one array per wave, the second submitted with afterok on the first
+    cfg = json.loads((tmp_path/'runs'/'deps-Stage_II-s1'/'config.json').read_text())
+    assert cfg['method']['settings']['afa_from'] == str(tmp_path/'runs'/'deps-Stage_I-s1')

@@ -224,3 +224,28 @@ def test_study_pipeline_notebook_and_cli(tmp_path):
     p = subprocess.run([str(BIN/'papermill'), str(REPO/'nbs'/'study.ipynb'), str(tmp_path/'bad.ipynb'), '-p', 'spec', str(bad),
                         '--cwd', str(REPO/'nbs')], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and 'lr' in p.stderr and not (tmp_path/'runs'/'studies'/'bad').exists()
+
+
+def test_sigterm_stops_a_local_study_at_a_checkpointed_step_and_a_rerun_finishes_it(tmp_path):
+    spec = dict(name='stop', base={**TINY, 'epochs': 6, 'n_train': 768}, cells=[dict(label='AT', objective='pgdat')], seeds=[0, 1])
+    f = tmp_path/'stop.yaml'
+    f.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RBLAB_RUNS': str(tmp_path/'runs')}
+    p = subprocess.Popen([str(BIN/'rblab-study'), str(f), '--parallel', '1', '--threads', '1'], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    first = tmp_path/'runs'/'stop-AT-s0'
+    t0 = time.time()
+    while time.time() - t0 < 120 and not ((first/'metrics.jsonl').exists() and (first/'metrics.jsonl').read_text().count('\n') >= 1):
+        time.sleep(0.2)
+    p.send_signal(15)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 75, err[-2000:]
+    assert 'stopped on SIGTERM' in err
+    records = [json.loads(l) for l in (first/'metrics.jsonl').read_text().splitlines()]
+    assert records[-1].get('interrupted') and records[-1]['signal'] == 'SIGTERM'  # passed on to the run, which checkpointed
+    study = Study(spec, runs_dir=tmp_path/'runs')
+    assert list(study.status().state) == ['stopped', 'pending']  # no run started after the signal
+    assert subprocess.run([str(BIN/'rblab-study'), str(f)], env=env, capture_output=True, text=True, timeout=600).returncode == 0
+    assert list(study.status().state) == ['done', 'done']
+    ref = train(**{**study.runs[0].params, 'run_name': 'reference', 'runs_dir': str(tmp_path/'ref')}, progress=False)
+    assert _same(ref.dir, first)
