@@ -5,9 +5,10 @@ set -e
 cd "$(dirname "$0")/.."
 export RBLAB_DATA=${RBLAB_DATA:-../shared/data}
 PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
 mkdir -p experiments/results
 $PY benchmarks/bench_attacks.py evaluate --suite hfat --n 1000 > experiments/results/bench_evaluate_hfat.json
-$PY experiments/hfat_cifar.py
+$BIN/rblab-study experiments/studies/hfat.yaml
 $PY experiments/f2at_cifar.py
 $PY experiments/afa_cifar.py
 $PY experiments/dynat_cifar.py
