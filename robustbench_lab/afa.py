@@ -66,7 +66,7 @@ class AFA(Method):
     "AFA Stage I: the base objective's adversarial loss on each BN branch k at strength ξ_k, plus clean CE on branch 0."
     bn_mode = 'eval'
     requires = frozenset({'branch_loss', 'budget_attack'})
-    flat_names = dict(from_run='afa_from', eps='eps', alpha='alpha', steps='steps')
+    flat_names = dict(from_run='afa_from', source='afa_source', eps='eps', alpha='alpha', steps='steps')
 
     def __init__(self, objective:Objective, # base objective (PGDAT, TRADES, MART, IAT, ...)
                  K:int=5, # number of BN branches (≥ 2)
@@ -123,9 +123,11 @@ class AFA(Method):
     def build(cls, ctx, objective, *,
               stage:Literal[1, 2]=1, # 1: the K-branch backbone; 2: the weight generator on a frozen Stage I backbone
               from_run:str|None=None, # Stage II: the Stage I run (a name or folder)
+              source:str|None=None, # Stage II: a separately trained model (run name or folder): its PGD examples train the WG with samples='transfer', and the probe reads W1 on them
               **params):
         "Stage I (`AFA`) or Stage II (`AFAStage2`) of a run; every setting of both is checked either way."
         c, s1 = ctx.cfg, {k: params.pop(k) for k in ('K', 'xi', 'attack_steps') if k in params}
+        if stage == 1 and source is not None: raise ConfigError(f'afa_source = {source!r}: only Stage II (afa_stage=2) uses a source model')
         s2 = {k: params.pop(k) for k in ('clean_prob', 'samples', 'steps', 'alpha') if k in params}
         stage1, stage2 = (lambda: cls(objective, eps=params['eps'], **s1)), (lambda: AFAStage2(eps=params['eps'], **s2))
         if ctx.dry: stage1(), stage2(), check('wg_width', params['wg_width'], int, lo=1)  # every stage's settings, either way
@@ -139,7 +141,21 @@ class AFA(Method):
             raise ConfigError(f"afa_from = {from_run!r}: expected a Stage I AFA run with afa_K = {s1['K']}")
         if rc['arch'] != c['arch'] or rc['dataset'] != c['dataset']:
             raise ConfigError(f"afa_from = {from_run!r}: Stage I used arch {rc['arch']!r} on {rc['dataset']!r}")
-        return stage2()
+        if s2.get('samples') == 'transfer' and source is None:
+            raise ConfigError("afa_samples = 'transfer': Stage II crafts its examples against a separately trained model; "
+                              "name it with afa_source='<run name or folder>'")
+        out = stage2()
+        if source is not None:
+            try: src = ctx.load_run(source)
+            except FileNotFoundError: raise ConfigError(f'afa_source = {source!r}: no run folder with a config.json') from None
+            if src.config['dataset'] != c['dataset']:
+                raise ConfigError(f"afa_source = {source!r}: trained on {src.config['dataset']!r}; this run is on {c['dataset']!r}")
+            if ctx.training:  # (a study validates against a source run not trained yet: its configuration only)
+                if not any((src.dir/'checkpoints'/f).exists() for f in ('last.pt', 'prev.pt')):
+                    raise ConfigError(f'afa_source = {source!r}: {src.dir} holds no trained model (no checkpoints/last.pt)')
+                out.source = src.model()  # as its method evaluates it, frozen
+                for p in out.source.parameters(): p.requires_grad_(False)
+        return out
 
     @classmethod
     def network(cls, ctx):
@@ -277,25 +293,31 @@ class AFAStage2(Method):
     def __init__(self, eps:float=8/255, # maximum strength
                  clean_prob:float=0.2, # share of samples forced to strength 0
                  steps:int=10, alpha:float|None=None, # the PGD crafting the samples (step eps/4 at full strength)
-                 samples:Literal['fused', 'strong_branch']='fused', # PGD against: 'fused' (the full model, WG included) | 'strong_branch' (BN_{K−1} alone, blind to the WG)
+                 samples:Literal['fused', 'strong_branch', 'transfer']='fused', # PGD against: 'fused' (the full model, WG included) | 'strong_branch' (BN_{K−1} alone, blind to the WG) | 'transfer' (the separately trained source model, afa_source)
                 ):
         self.eps = check('eps', eps, float, lo=0, hi=1)
         self.clean_prob = check('clean_prob', clean_prob, float, lo=0, hi=1)
         self.attack = PGD(eps=eps, steps=steps, alpha=alpha)
-        self.samples = check('samples', samples, str, choices=['fused', 'strong_branch'])
+        self.samples = check('samples', samples, str, choices=['fused', 'strong_branch', 'transfer'])
+        self.source = None  # the source model (set by AFA.build from afa_source)
         self.epoch, self.epochs = 0, 1
 
     def start_epoch(self, epoch, epochs): self.epoch, self.epochs = epoch, epochs
 
     def setup(self, model):
         if not isinstance(model, AFAModel): raise ConfigError('AFAStage2 trains an AFAModel (Stage I backbone + weight generators)')
+        if self.samples == 'transfer' and self.source is None: raise ConfigError("samples = 'transfer': set the source model first (afa_source)")
+        if self.source is not None: self.source = self.source.to(next(model.parameters()).device).eval()
         return {}
 
     def compute_grads(self, model, x, y, backward):
         eps_i = sample_rand((len(x),), x.device)*self.eps  # per-sample strengths, keyed draws (see `random_scope`)
         eps_i = torch.where(sample_rand((len(x),), x.device) < self.clean_prob, torch.zeros_like(eps_i), eps_i)
-        with (model.fixed_branch(1) if self.samples == 'strong_branch' else contextlib.nullcontext()):
-            x_e = self.attack.perturb(model, x, y, eps=eps_i).detach()
+        if self.samples == 'transfer':  # the paper's Fig. 6 reading: examples of a separately trained model, blind to the WG and backbone
+            x_e = self.attack.perturb(self.source, x, y, eps=eps_i).detach()
+        else:
+            with (model.fixed_branch(1) if self.samples == 'strong_branch' else contextlib.nullcontext()):
+                x_e = self.attack.perturb(model, x, y, eps=eps_i).detach()
         model.train()
         loss = F.cross_entropy(model(x_e), y)
         backward(loss)

@@ -107,14 +107,15 @@ def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fix
                   eps_grid:list, # attack strengths, e.g. k/255 for k = 0..8
                   steps:int=10, # PGD iterations (step ε/4)
                   seed:int=0,
+                  source:nn.Module|None=None, # a separately trained model: W₁ also on its PGD examples (the paper's Fig. 6 reading)
                  ) -> dict:
-    "W₁(ε) of the fused model (on its own PGD examples and on the strongest branch's), ρ with ε, each kept branch's and the fused model's accuracy per ε, the branches' CE gap."
+    "W₁(ε) of the fused model (on its own PGD examples, the strongest branch's, and a source model's), ρ with ε, each kept branch's and the fused model's accuracy per ε, the branches' CE gap."
     eps_grid = check_list('eps_grid', list(eps_grid), float, lo=0, hi=1, min_length=2, increasing=True)
     dev = next(model.parameters()).device
     x, y = x.to(dev), y.to(dev)
-    def attacked(e, i):
+    def attacked(e, i, on=model):
         if e == 0: return x
-        with random_scope(seed, i, total=len(x)): return PGD(eps=e, steps=steps)(model, x, y)
+        with random_scope(seed, i, total=len(x)): return PGD(eps=e, steps=steps)(on, x, y)
     w1, w1_transfer, acc = [], [], {'fused': [], 'branch0': [], 'branch1': []}
     for i, e in enumerate(eps_grid):
         xa = attacked(e, i)
@@ -142,7 +143,20 @@ def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fix
     Wt = torch.stack(w1_transfer)
     best = [max(a, b) for a, b in zip(acc['branch0'], acc['branch1'])]
     tol = 1/len(x)  # one sample
-    return dict(eps=eps_grid, w1_mean=mean, w1_std=W.std(1).tolist(), rho=rho, w1_range=max(mean) - min(mean),
+    extra = {}
+    if source is not None:  # examples of a model the WG and backbone never saw: can the WG read their strength?
+        ws = []
+        for i, e in enumerate(eps_grid):
+            xa = attacked(e, i, source)
+            with torch.no_grad(), attack_mode(model, 'eval'):
+                model(xa); w0 = model.w0()
+            ws.append((1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu())
+        Ws = torch.stack(ws)
+        ms = Ws.mean(1).tolist()
+        rho_s = spearman(np.repeat(eps_grid, Ws.shape[1]), Ws.flatten().numpy())
+        extra = dict(w1_source_mean=ms, w1_source_std=Ws.std(1).tolist(), rho_source=rho_s, w1_source_range=max(ms) - min(ms),
+                     flat_source=bool(not (abs(rho_s) >= 0.5) or max(ms) - min(ms) < 0.1))
+    return dict(**extra, eps=eps_grid, w1_mean=mean, w1_std=W.std(1).tolist(), rho=rho, w1_range=max(mean) - min(mean),
                 acc_fused=acc['fused'], acc_branch0=acc['branch0'], acc_branch1=acc['branch1'],
                 fused_at_least_best=float(np.mean([f >= b - tol for f, b in zip(acc['fused'], best)])),
                 ce_clean_b0=acc['ce_clean_b0'], ce_clean_b1=acc['ce_clean_b1'], ce_adv_b0=acc['ce_adv_b0'], ce_adv_b1=acc['ce_adv_b1'],
@@ -205,7 +219,7 @@ class AFAProbeCB(Callback):
     def after_epoch(self, learn):
         if learn.epoch % self.every and learn.epoch != learn.epochs: return
         if distributed.is_main():
-            r = afa_mechanism(learn.eval_model(), self.x, self.y, self.grid, self.steps, self.seed)
+            r = afa_mechanism(learn.eval_model(), self.x, self.y, self.grid, self.steps, self.seed, source=getattr(learn.method, 'source', None))
             learn.record.update({f'probe_{k}': v for k, v in r.items()})
         distributed.barrier()  # the others wait here, patiently, not in the next step's collective
 
@@ -249,6 +263,10 @@ def mechanism_flags(record:dict) -> list[dict]:
         out.append(dict(code='weight_generator_flat', kind='mechanism', message=(
             f"the weight generator does not adapt: W1 from {min(record['probe_w1_mean']):.3f} to {max(record['probe_w1_mean']):.3f} over "
             f"ε = 0..{record['probe_eps'][-1]*255:.3g}/255 (Spearman ρ = {record['probe_rho']:.2f})")))
+    if record.get('probe_flat_source'):
+        out.append(dict(code='weight_generator_flat_on_source', kind='mechanism', message=(
+            f"the weight generator does not adapt on a separately trained source model's examples (the paper's Fig. 6 reading): W1 from "
+            f"{min(record['probe_w1_source_mean']):.3f} to {max(record['probe_w1_source_mean']):.3f} (Spearman ρ = {record['probe_rho_source']:.2f})")))
     for k in record.get('probe_no_signal') or []:
         out.append(dict(code='mi_no_signal', kind='mechanism', message=(
             f"the {k} MI estimator carries no signal: Î_{k} = {record[f'probe_i_{k}']:.3f} vs {record[f'probe_i_{k}_shuffled']:.3f} "
@@ -272,8 +290,9 @@ def plot_probes(metrics:list[dict], # a run's epoch records (`Run.metrics`)
         for c, r in zip(colours, recs):
             ax[0].plot(eps, r['probe_w1_mean'], 'o-', ms=3, color=c, label=f"epoch {r['epoch'] + 1}: ρ = {r['probe_rho']:.2f}")
             if 'probe_w1_transfer_mean' in r: ax[0].plot(eps, r['probe_w1_transfer_mean'], '--', color=c)
+            if 'probe_w1_source_mean' in r: ax[0].plot(eps, r['probe_w1_source_mean'], ':', color=c, lw=2)
         # on the whole (0, 1) range: a flat curve must look flat, however the axis would autoscale
-        ax[0].set(xlabel='ε (/255)', ylabel='mean W₁ = 1 − W₀', ylim=(0, 1), title='fusing weight (solid: white-box; dashed: strongest branch’s examples)')
+        ax[0].set(xlabel='ε (/255)', ylabel='mean W₁ = 1 − W₀', ylim=(0, 1), title='fusing weight (solid: white-box; dashed: strongest branch’s; dotted: source model’s examples)')
         last = recs[-1]
         for key, label in (('acc_branch0', 'branch 0 (clean BN)'), ('acc_branch1', 'branch K−1'), ('acc_fused', 'fused (AFA)')):
             ax[1].plot(eps, [100*a for a in last[f'probe_{key}']], 'o-', ms=3, label=label)
