@@ -102,7 +102,9 @@ def slurm_cluster(tmp_path_factory):
         r = _sh('apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge', timeout=900)
         if r.returncode or not shutil.which('sbatch'):
             pytest.skip(f'Slurm could not be installed (apt-get install slurm-wlm munge): {(r.stderr or r.stdout)[-500:]}')
+    started_munge = False
     if _sh('munge -n | unmunge').returncode:
+        started_munge = True
         _sh('mkdir -p /run/munge && chown munge:munge /run/munge && chmod 0755 /run/munge')
         if not os.path.exists('/etc/munge/munge.key'):
             _sh('mungekey --create || (dd if=/dev/urandom bs=1 count=1024 > /etc/munge/munge.key); chown munge:munge /etc/munge/munge.key; chmod 0400 /etc/munge/munge.key')
@@ -126,9 +128,9 @@ def slurm_cluster(tmp_path_factory):
             pytest.skip(f'the single-node Slurm cluster did not come up: {[s.stderr for s in started]} {logs}')
         yield conf
     finally:
-        _sh('scancel --full -u root')
-        for pid_file in ('slurmd.pid', 'slurmctld.pid'):
-            try: os.kill(int((d/pid_file).read_text()), 15)
+        _sh('scancel --full --quiet $(squeue -h -o %i)')  # every job of this test cluster, whoever submitted it
+        for pid_file in [d/'slurmd.pid', d/'slurmctld.pid'] + ([Path('/run/munge/munged.pid')] if started_munge else []):
+            try: os.kill(int(pid_file.read_text()), 15)
             except (OSError, ValueError): pass
         if old is None: os.environ.pop('SLURM_CONF', None)
         else: os.environ['SLURM_CONF'] = old
