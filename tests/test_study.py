@@ -27,6 +27,14 @@ TINY = dict(dataset='digits', arch='small_cnn', width=8, n_train=384, epochs=2, 
             hider_n=32, steps=2)
 
 
+def _train_1_thread(**params):
+    "train() with one intra-op thread, as the study's jobs ran (threads=1): CPU results are bit-identical only at one thread count."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: return train(**params)
+    finally: torch.set_num_threads(n)
+
+
 def _weights(run_dir):
     return load_checkpoint(Path(run_dir)/'checkpoints'/'last.pt')['model']
 
@@ -165,7 +173,7 @@ def test_local_study_skips_finished_runs_and_a_killed_run_continues_bit_identica
     spec = dict(name='loc', base={**TINY, 'epochs': 3, 'checkpoint_every': 4}, cells=[dict(label='AT', objective='pgdat')], seeds=[0, 1])
     study = Study(spec, runs_dir=runs)
     first, killed = study.runs
-    train(**first.params, progress=False)
+    _train_1_thread(**first.params, progress=False)
     _kill_at(tmp_path, {**killed.params, 'progress': False}, 10)  # killed during epoch 2, after the checkpoint at step 8
     assert FolderLock.holder(runs/killed.name) is None  # the kernel released the dead writer's lock
     assert list(study.status().state) == ['done', 'stopped']
@@ -173,7 +181,7 @@ def test_local_study_skips_finished_runs_and_a_killed_run_continues_bit_identica
     run_study(spec, executor='local', parallel=2, threads=1, runs_dir=runs, progress=False)
     assert list(study.status().state) == ['done', 'done']
     assert (runs/first.name/'report.json').stat().st_mtime_ns == stamp  # skipped, not trained or evaluated again
-    ref = train(**{**killed.params, 'run_name': 'reference'}, progress=False)
+    ref = _train_1_thread(**{**killed.params, 'run_name': 'reference'}, progress=False)
     assert _same(ref.dir, runs/killed.name)
     assert (runs/'studies'/'loc'/'jobs').is_dir()
 
@@ -247,5 +255,5 @@ def test_sigterm_stops_a_local_study_at_a_checkpointed_step_and_a_rerun_finishes
     assert list(study.status().state) == ['stopped', 'pending']  # no run started after the signal
     assert subprocess.run([str(BIN/'rblab-study'), str(f)], env=env, capture_output=True, text=True, timeout=600).returncode == 0
     assert list(study.status().state) == ['done', 'done']
-    ref = train(**{**study.runs[0].params, 'run_name': 'reference', 'runs_dir': str(tmp_path/'ref')}, progress=False)
+    ref = _train_1_thread(**{**study.runs[0].params, 'run_name': 'reference', 'runs_dir': str(tmp_path/'ref')}, progress=False)
     assert _same(ref.dir, first)
