@@ -227,6 +227,9 @@ def test_study_pipeline_notebook_and_cli(tmp_path):
     assert '± ' in (tmp_path/'tables'/'nb.md').read_text()
     st = subprocess.run([str(BIN/'rblab-study'), 'nb', '--status'], env=env, capture_output=True, text=True)
     assert st.returncode == 0 and st.stdout.count(' done ') == 2, st.stdout + st.stderr
+    no_data = {k: v for k, v in env.items() if k != 'RBLAB_DATA'}  # --status reads run folders only
+    st = subprocess.run([str(BIN/'rblab-study'), 'nb', '--status'], env=no_data, capture_output=True, text=True, cwd=tmp_path)
+    assert st.returncode == 0 and st.stdout.count(' done ') == 2, st.stdout + st.stderr
     bad = tmp_path/'bad.yaml'
     bad.write_text(yaml.safe_dump(dict(spec, name='bad', base={**TINY, 'lr': -1})))
     p = subprocess.run([str(BIN/'papermill'), str(REPO/'nbs'/'study.ipynb'), str(tmp_path/'bad.ipynb'), '-p', 'spec', str(bad),
