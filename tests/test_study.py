@@ -187,7 +187,7 @@ def test_local_study_skips_finished_runs_and_a_killed_run_continues_bit_identica
 
 
 def test_two_trainings_under_one_name_one_writes_the_other_is_refused_naming_it(tmp_path):
-    args = [sys.executable, '-m', 'robustbench_lab.train'] + [a for k, v in {**TINY, 'epochs': 3, 'run_name': 'same', 'runs_dir': str(tmp_path),
+    args = [sys.executable, '-m', 'robustbench_lab.train'] + [a for k, v in {**TINY, 'epochs': 6, 'run_name': 'same', 'runs_dir': str(tmp_path),
                                                                               'progress': False}.items() for a in (f'--{k}', str(v))]
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     procs = [subprocess.Popen(args + ['--seed', str(s)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in (0, 1)]
