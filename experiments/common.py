@@ -7,6 +7,7 @@ from pathlib import Path
 
 from robustbench_lab.data import load_arrays
 from robustbench_lab.evaluate import AA, Report, evaluate, make_suite
+from robustbench_lab.study import markdown
 from robustbench_lab.train import Run, train
 
 # the one training budget: small_cnn (width 32), first 5,000 CIFAR-10 training images, 8 epochs, batch 128,
@@ -76,20 +77,11 @@ def summary_row(label, r, reps, extra=None):
     return row
 
 
-def markdown_table(df) -> str:
-    "A pipe table (numbers to 2 decimals, empty cells for missing values)."
-    fmt = lambda v: '' if v is None or (isinstance(v, float) and v != v) else f'{v:.2f}' if isinstance(v, float) else str(v)
-    cols = list(df.columns)
-    lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|'*len(cols)]
-    lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in df[cols].itertuples(index=False)]
-    return '\n'.join(lines)
-
-
 def write(name, rows, notes=''):
     import pandas as pd
     df = pd.DataFrame(rows)
     Path('experiments/results').mkdir(parents=True, exist_ok=True)
     Path(f'experiments/results/{name}.json').write_text(json.dumps(rows, indent=1, default=str))
-    md = markdown_table(df.drop(columns=['run']))
+    md = markdown(df.drop(columns=['run']), index=False)
     Path(f'experiments/results/{name}.md').write_text(f'{notes}\n\n{md}\n')
     print(md, flush=True)

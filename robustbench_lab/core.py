@@ -516,8 +516,20 @@ class FolderLock:
     def __init__(self, folder:str|Path # the run folder (it need not exist yet)
                 ):
         self.folder = Path(folder)
-        self.path = self.folder.parent/f'.{self.folder.name}.lock'
+        self.path = self.lock_file(folder)
         self.fd, self.took_over = None, None
+
+    @staticmethod
+    def lock_file(folder:str|Path) -> Path: return Path(folder).parent/f'.{Path(folder).name}.lock'
+
+    def refused(self, holder:dict) -> RunLocked:
+        return RunLocked(f'{self.folder}: another process is writing this run folder: {describe_holder(holder)}. '
+                         'Wait for it to end (or stop it), or choose another run_name.')
+
+    def check(self):
+        "Raise `RunLocked` when another process holds the folder now (a look, nothing taken)."
+        holder = self.holder(self.folder)
+        if holder: raise self.refused(holder)
 
     def acquire(self) -> 'FolderLock':
         import fcntl, json, socket, time, warnings
@@ -530,8 +542,7 @@ class FolderLock:
                 holder = _lock_holder(fd); os.close(fd)
                 tries += 1
                 if tries < 20 and not holder.get('pid'): time.sleep(0.05); continue  # a look by `holder()`, or a writer still writing its record
-                raise RunLocked(f'{self.folder}: another process is writing this run folder: {describe_holder(holder)}. '
-                                'Wait for it to end (or stop it), or choose another run_name.') from None
+                raise self.refused(holder) from None
             try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError: same = False
             if same: break
@@ -559,8 +570,7 @@ class FolderLock:
     def holder(folder:str|Path) -> dict|None:
         "Who is writing `folder` now (their record; `pid` None while it is being written), or None when nobody is."
         import fcntl
-        path = Path(folder).parent/f'.{Path(folder).name}.lock'
-        try: fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try: fd = os.open(FolderLock.lock_file(folder), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError: return None
         try:
             try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -21,8 +21,9 @@ from .methods import register_probes
 from .models import MultiBN, bn_branch, multibn_layers
 
 # %% auto #0
-__all__ = ['middle_bn', 'feature_statistics', 'fusing_weight_curve', 'spearman', 'afa_mechanism', 'beats_baseline',
-           'f2at_mechanism', 'AFAProbeCB', 'F2ATProbeCB', 'afa_probes', 'f2at_probes', 'mechanism_flags', 'plot_probes']
+__all__ = ['middle_bn', 'feature_statistics', 'per_sample_w1', 'fusing_weight_curve', 'spearman', 'afa_mechanism',
+           'beats_baseline', 'f2at_mechanism', 'AFAProbeCB', 'F2ATProbeCB', 'afa_probes', 'f2at_probes',
+           'mechanism_flags', 'plot_probes']
 
 # %% ../nbs/22_probes.ipynb #8b91b8a0
 def middle_bn(model:nn.Module) -> nn.Module:
@@ -65,6 +66,14 @@ def feature_statistics(model:nn.Module, # a classifier on [0, 1] images
     return dict(eps=eps_list, mean=M, var=V, monotonicity=mono)
 
 
+def per_sample_w1(model:nn.Module, # an AFAModel (has `w0()`)
+                  x:torch.Tensor) -> torch.Tensor:
+    "W₁ = 1 − W₀ of every sample of `x` (W₀ averaged over the placements of a per-layer model), on the CPU."
+    with torch.no_grad(), attack_mode(model, 'eval'):
+        model(x); w0 = model.w0()
+    return (1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu()
+
+
 def fusing_weight_curve(model:nn.Module, # an AFAModel (has `w0()`)
                         x:torch.Tensor, y:torch.Tensor,
                         eps_grid:list, # e.g. 0, 0.5, ..., 8 (/255)
@@ -77,10 +86,7 @@ def fusing_weight_curve(model:nn.Module, # an AFAModel (has `w0()`)
         for s in range(0, len(x), batch_size):
             xb, yb = x[s:s + batch_size].to(dev), y[s:s + batch_size].to(dev)
             xa = PGD(eps=e, steps=steps, seed=seed)(model, xb, yb) if e > 0 else xb
-            with torch.no_grad(), attack_mode(model, 'eval'):
-                model(xa)
-                w0 = model.w0()
-            ws.append((1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu())
+            ws.append(per_sample_w1(model, xa))
         w1 = torch.cat(ws)
         per.append(w1); mean.append(w1.mean().item()); std.append(w1.std().item())
     return dict(eps=list(eps_grid), mean=mean, std=std, w1=per)
@@ -116,7 +122,7 @@ def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fix
     def attacked(e, i, on=model):
         if e == 0: return x
         with random_scope(seed, i, total=len(x)): return PGD(eps=e, steps=steps)(on, x, y)
-    w1, w1_transfer, acc = [], [], {'fused': [], 'branch0': [], 'branch1': []}
+    w1, acc = [], {'fused': [], 'branch0': [], 'branch1': []}
     for i, e in enumerate(eps_grid):
         xa = attacked(e, i)
         with torch.no_grad(), attack_mode(model, 'eval'):
@@ -133,35 +139,27 @@ def afa_mechanism(model:nn.Module, # an AFAModel (Stage II): has `w0()` and `fix
         acc[f'ce_clean_b{k}'], acc[f'ce_adv_b{k}'] = ce_clean, ce_adv
         if k == 1: strong = xs
     # examples that do not aim at the WG (crafted on BN_{K−1} alone): can the WG tell their strength when it is not attacked itself?
-    for xa in strong:
-        with torch.no_grad(), attack_mode(model, 'eval'):
-            model(xa); w0 = model.w0()
-        w1_transfer.append((1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu())
+    w1_transfer = [per_sample_w1(model, xa) for xa in strong]
     W = torch.stack(w1)  # ε × n
     mean = W.mean(1).tolist()
     rho = spearman(np.repeat(eps_grid, W.shape[1]), W.flatten().numpy())
     Wt = torch.stack(w1_transfer)
     best = [max(a, b) for a, b in zip(acc['branch0'], acc['branch1'])]
     tol = 1/len(x)  # one sample
+    flat = lambda rho, m: bool(not (abs(rho) >= 0.5) or max(m) - min(m) < 0.1)
     extra = {}
     if source is not None:  # examples of a model the WG and backbone never saw: can the WG read their strength?
-        ws = []
-        for i, e in enumerate(eps_grid):
-            xa = attacked(e, i, source)
-            with torch.no_grad(), attack_mode(model, 'eval'):
-                model(xa); w0 = model.w0()
-            ws.append((1 - (w0 if w0.dim() == 1 else w0.mean(0))).cpu())
-        Ws = torch.stack(ws)
+        Ws = torch.stack([per_sample_w1(model, attacked(e, i, source)) for i, e in enumerate(eps_grid)])
         ms = Ws.mean(1).tolist()
         rho_s = spearman(np.repeat(eps_grid, Ws.shape[1]), Ws.flatten().numpy())
         extra = dict(w1_source_mean=ms, w1_source_std=Ws.std(1).tolist(), rho_source=rho_s, w1_source_range=max(ms) - min(ms),
-                     flat_source=bool(not (abs(rho_s) >= 0.5) or max(ms) - min(ms) < 0.1))
+                     flat_source=flat(rho_s, ms))
     return dict(**extra, eps=eps_grid, w1_mean=mean, w1_std=W.std(1).tolist(), rho=rho, w1_range=max(mean) - min(mean),
                 acc_fused=acc['fused'], acc_branch0=acc['branch0'], acc_branch1=acc['branch1'],
                 fused_at_least_best=float(np.mean([f >= b - tol for f, b in zip(acc['fused'], best)])),
                 ce_clean_b0=acc['ce_clean_b0'], ce_clean_b1=acc['ce_clean_b1'], ce_adv_b0=acc['ce_adv_b0'], ce_adv_b1=acc['ce_adv_b1'],
                 w1_transfer_mean=Wt.mean(1).tolist(), rho_transfer=spearman(np.repeat(eps_grid, Wt.shape[1]), Wt.flatten().numpy()),
-                flat=bool(not (abs(rho) >= 0.5) or max(mean) - min(mean) < 0.1))
+                flat=flat(rho, mean))
 
 # %% ../nbs/22_probes.ipynb #0b76ac2e
 def beats_baseline(est:torch.Tensor, shuffled:torch.Tensor) -> tuple[float, bool]:

@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .core import (EXIT_INTERRUPTED, ConfigError, FolderLock, RunInterrupted, RunLocked, atomic_write, describe_holder,
-                                  get_device, read_json, seed_everything)
+from .core import EXIT_INTERRUPTED, ConfigError, FolderLock, RunInterrupted, atomic_write, get_device, read_json, seed_everything
 from .data import Loader, default_augment, load_arrays
 from .evaluate import Report, evaluate
 from .hiders import HiderTracker
@@ -234,8 +233,7 @@ def train(**params) -> TrainResult:
     "Validate the parameters, train, evaluate, and leave everything in `runs/<run_name>/` (the names: `schema()`; recipes: `preset_table()`)."
     cfg = resolve_config(**params)
     if cfg['nproc'] == 1 or distributed.launched(): return _train_here(cfg)
-    holder = FolderLock.holder(Path(cfg['runs_dir'])/cfg['run_name'])  # every check before any process starts
-    if holder: raise RunLocked(f"{Path(cfg['runs_dir'])/cfg['run_name']}: another process is writing this run folder: {describe_holder(holder)}")
+    FolderLock(Path(cfg['runs_dir'])/cfg['run_name']).check()  # every check before any process starts
     run_state(cfg)  # a bad folder or resume leaves nothing behind
     run_dir = Path(distributed.launch(worker_train, (cfg, session_components(cfg)), nproc=cfg['nproc']))
     run = Run.load(run_dir)
