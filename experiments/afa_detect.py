@@ -4,10 +4,14 @@ frozen backbone, and measure its ROC AUC per strength on held-out test images. I
 from clean ones, no Stage II recipe can make W(eps) follow eps at this scale; if it can, Stage II's CE objective is
 what fails to teach it. Given a run without dual BN (e.g. a standard-trained model), the same detector on that model's
 features and its own PGD examples: the control that says whether the detector can detect anything at this scale.
-One JSON line per call to experiments/results/afa_detect.jsonl.
+With --source, every example (training and test) is crafted against that separately trained model instead and only
+transferred to the run's model: this separates "the features cannot show an attack" from "a robust model's own attacks
+leave no trace" (issue 29). One JSON line per call to experiments/results/afa_detect.jsonl.
 
     python experiments/afa_detect.py afa-search-w32-n10k-e6-stem --n-train 4096 --n-test 1024 --epochs 15 [--layer last]
-    python experiments/afa_detect.py f2at-c10-standard --layer last   # the control"""
+    python experiments/afa_detect.py f2at-c10-standard --layer last   # the control
+    python experiments/afa_detect.py afa-search-w32-n10k-e6-src-stem --source hfat-c10-standard-s0   # a standard model's examples
+    python experiments/afa_detect.py hfat-c10-standard-s0 --source afa-search-w32-n10k-e6-src-stem   # the AFA model's examples"""
 import argparse
 import json
 import time
@@ -34,6 +38,7 @@ p.add_argument('--lr', type=float, default=1e-3)
 p.add_argument('--seed', type=int, default=0)
 p.add_argument('--layer', default='stem', choices=['stem', 'middle', 'last'],
                help="the features the detector sees: the stem's output (the stem WG's input) or the input of the middle / last dual BN (a per-layer WG's)")
+p.add_argument('--source', default=None, help='craft every example against this separately trained run (name or folder) instead of the run itself')
 a = p.parse_args()
 
 
@@ -46,6 +51,10 @@ def auc(neg, pos):
 t0 = time.time()
 run = Run.load(a.run)
 model = run.model().eval()
+source_run = Run.load(a.source) if a.source else None  # before any compute: a missing source is an error now
+if source_run and source_run.config['dataset'] != run.config['dataset']:
+    raise SystemExit(f"--source {a.source}: trained on {source_run.config['dataset']!r}, the run on {run.config['dataset']!r}")
+source_model = source_run.model().eval() if source_run else None
 dual_bn = hasattr(model, 'fixed_branch')  # an AFA model; otherwise a plain classifier, attacked white-box
 net = model.backbone if dual_bn else model
 feats = []
@@ -69,19 +78,20 @@ def features(x):
 
 
 def attacked(x, y, eps, source, key):
-    "PGD-10 (step eps/4) examples at `eps`, against the fused model or the strongest branch alone."
+    "PGD-10 (step eps/4) examples at `eps`, against the fused model, the strongest branch alone, or the source model."
     out = []
     for s in range(0, len(x), 256):
         with random_scope(a.seed, key, s):
-            if source == 'strong_branch' and dual_bn:
+            if source == 'source': out.append(PGD(eps=eps, steps=10)(source_model, x[s:s + 256], y[s:s + 256]))
+            elif source == 'strong_branch' and dual_bn:
                 with model.fixed_branch(1): out.append(PGD(eps=eps, steps=10)(model, x[s:s + 256], y[s:s + 256]))
             else: out.append(PGD(eps=eps, steps=10)(model, x[s:s + 256], y[s:s + 256]))
     return torch.cat(out)
 
 
-# training set: each image once clean, once at 8/255 (crafted on the strongest branch: not aimed at any detector)
+# training set: each image once clean, once at 8/255 (crafted on the strongest branch, or the source: not aimed at any detector)
 f_clean = features(xtr)
-f_adv = features(attacked(xtr, ytr, 8/255, 'strong_branch', 0))
+f_adv = features(attacked(xtr, ytr, 8/255, 'source' if source_model else 'strong_branch', 0))
 fx = torch.cat([f_clean, f_adv]); fy = torch.cat([torch.zeros(len(f_clean)), torch.ones(len(f_adv))])
 print(f'features ready in {time.time() - t0:.0f}s', flush=True)
 torch.manual_seed(a.seed)
@@ -96,7 +106,8 @@ for epoch in range(a.epochs):
         opt.zero_grad(); loss.backward(); opt.step(); tot += loss.item()*len(i)
     print(f'epoch {epoch + 1}: BCE {tot/len(fx):.4f}', flush=True)
 det.eval()
-tests = {f'{source}@{k}/255': attacked(xte, yte, k/255, source, 100 + k) for source in (('strong_branch', 'fused') if dual_bn else ('model',)) for k in (1, 2, 4, 8)}
+sources = ('source',) if source_model else ('strong_branch', 'fused') if dual_bn else ('model',)
+tests = {f'{source}@{k}/255': attacked(xte, yte, k/255, source, 100 + k) for source in sources for k in (1, 2, 4, 8)}
 
 
 def highpass_energy(x):
@@ -116,5 +127,5 @@ print(f'held-out AUC (clean vs attacked, {a.n_test} test images): ' + ', '.join(
 print('the same pairs separated by the high-pass energy alone: ' + ', '.join(f'{k} {v:.3f}' for k, v in res_hp.items()), flush=True)
 Path('experiments/results').mkdir(parents=True, exist_ok=True)
 with open('experiments/results/afa_detect.jsonl', 'a') as f:
-    f.write(json.dumps(dict(run=a.run, dual_bn=dual_bn, layer=a.layer, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, lr=a.lr, seed=a.seed, auc=res, auc_highpass=res_hp,
+    f.write(json.dumps(dict(run=a.run, source=a.source, dual_bn=dual_bn, layer=a.layer, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, lr=a.lr, seed=a.seed, auc=res, auc_highpass=res_hp,
                             train_auc=train_auc, seconds=time.time() - t0)) + '\n')

@@ -77,15 +77,18 @@ def per_sample_w1(model:nn.Module, # an AFAModel (has `w0()`)
 def fusing_weight_curve(model:nn.Module, # an AFAModel (has `w0()`)
                         x:torch.Tensor, y:torch.Tensor,
                         eps_grid:list, # e.g. 0, 0.5, ..., 8 (/255)
-                        steps:int=10, batch_size:int=256, seed:int=0) -> dict:
-    "W₁ = 1 − W₀ (mean and std over samples) of PGD examples crafted against the full model, per ε."
+                        steps:int=10, batch_size:int=256, seed:int=0,
+                        source:nn.Module|None=None, # craft the examples against this separately trained model (the paper's Fig. 6) instead of `model`
+                       ) -> dict:
+    "W₁ = 1 − W₀ (mean and std over samples) of PGD examples crafted against the full model (or a source model), per ε."
     dev = next(model.parameters()).device
+    if source is not None: source = source.to(dev).eval()
     mean, std, per = [], [], []
     for e in check_list('eps_grid', list(eps_grid), float, lo=0, hi=1, min_length=1):
         ws = []
         for s in range(0, len(x), batch_size):
             xb, yb = x[s:s + batch_size].to(dev), y[s:s + batch_size].to(dev)
-            xa = PGD(eps=e, steps=steps, seed=seed)(model, xb, yb) if e > 0 else xb
+            xa = PGD(eps=e, steps=steps, seed=seed)(model if source is None else source, xb, yb) if e > 0 else xb
             ws.append(per_sample_w1(model, xa))
         w1 = torch.cat(ws)
         per.append(w1); mean.append(w1.mean().item()); std.append(w1.std().item())
