@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from fastcore.basics import patch
 
-from .core import (EXIT_INTERRUPTED, ConfigError, FolderLock, RunInterrupted, RunLocked, atomic_write, check, read_json,
+from .core import (EXIT_INTERRUPTED, ConfigError, FolderLock, RunInterrupted, RunLocked, atomic_write, check, check_list, read_json,
                                   read_jsonl, settings)
 from .evaluate import SUITES, Report, evaluate, make_suite
 from .runs import RUN_SETTINGS, Run, resolve_config, speaking
@@ -32,7 +32,7 @@ from .train import _comparable, stored_config, train
 # %% auto #0
 __all__ = ['SPEC_KEYS', 'STUDY_OWNS', 'RESOURCE_KEYS', 'EXECUTORS', 'DEFAULT_PARALLEL', 'INFO_COLUMNS', 'load_spec', 'Evaluation',
            'StudyRun', 'Study', 'evaluate_run', 'CellJob', 'queued_jobs', 'run_status', 'default_parallel', 'run_study',
-           'mean_ci', 'paired_difference', 'markdown', 'tex_escape', 'latex', 'main']
+           'finished_study', 'mean_ci', 'paired_difference', 'markdown', 'tex_escape', 'latex', 'main']
 
 # %% ../nbs/15_study.ipynb #3f724688
 SPEC_KEYS = ('name', 'description', 'base', 'preset', 'cells', 'grid', 'zip', 'seeds', 'evaluate', 'baseline', 'runs_dir', 'resources')
@@ -565,6 +565,27 @@ def wait(self:Study, timeout_s:float|None=None, # give up after this long (None:
             return st
         time.sleep(poll_s)
 
+
+@patch
+def finished(self:Study, seed:int|None=None, # one seed's runs ({cell: run name}); None: every seed's ({cell: [run names]})
+            ) -> dict:
+    "The study's finished runs (report written) by cell: how the figure notebooks read a study."
+    done = set(self.status().query("state == 'done'").run)
+    if seed is not None: return {r.cell: r.name for r in self.runs if r.seed == seed and r.name in done}
+    out = {}
+    for r in self.runs:
+        if r.name in done: out.setdefault(r.cell, []).append(r.name)
+    return out
+
+
+def finished_study(name:str|None, # a study's name (None: no study)
+                   runs_dir:str|Path|None=None) -> Study|None:
+    "The study of that name when it exists and has a finished run, else None (a figure notebook then reads single runs)."
+    if not name: return None
+    try: study = Study.load(name, runs_dir=runs_dir, validate=False)
+    except ConfigError: return None
+    return study if study.finished() else None
+
 # %% ../nbs/15_study.ipynb #55d33855
 def _reports(study:Study, d:Path) -> list[Report]:
     if study.evaluations: return [Report.load(d/e.file) for e in study.evaluations if (d/e.file).exists()]
@@ -582,12 +603,13 @@ def results(self:Study) -> pd.DataFrame:
         own = Report.load(d/'report.json')
         cfg = self.configs.get(r.name) or {}
         main = reps[0]
-        row = dict(cell=r.cell, seed=r.seed, run=r.name, clean=100*main.clean_accuracy)
+        pct = lambda acc, n: 100*round(acc*n)/n  # from the count of correct points: the same count, the same number (reports store float32)
+        row = dict(cell=r.cell, seed=r.seed, run=r.name, clean=pct(main.clean_accuracy, main.n))
         for rep in reps:  # a later report's columns say what sets them apart: another n, or its tag
             suffix = '' if rep is main else f' (n={rep.n})' if rep.n != main.n else f" ({rep.meta.get('tag', '')})"
-            if suffix: row[f'clean{suffix}'] = 100*rep.clean_accuracy
-            row.update({f'{k}{suffix}': 100*v for k, v in rep.robust_accuracy.items()})
-        if len(main.robust): row['worst case'] = 100*main.worst_case
+            if suffix: row[f'clean{suffix}'] = pct(rep.clean_accuracy, rep.n)
+            row.update({f'{k}{suffix}': pct(v, rep.n) for k, v in rep.robust_accuracy.items()})
+        if len(main.robust): row['worst case'] = pct(main.worst_case, main.n)
         if 'hider_ratio_adv' in own.metrics: row['hider ratio'] = own.metrics['hider_ratio_adv']
         recs = _metric_records(d)
         row.update(n=main.n, checkpoint=main.meta.get('checkpoint', 'last'), recipe=cfg.get('preset') or '',
@@ -616,7 +638,8 @@ def paired_difference(a:dict, b:dict, confidence:float=0.95) -> dict:
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
     m, sd, lo, hi = mean_ci(d, confidence)
-    if len(d) < 2 or sd == 0: p = math.nan  # no spread to test against (one pair, or every seed moved by the same amount)
+    # no spread to test against: one pair, or every seed moved by the same amount (to rounding: 37.4 - 27.4 != 41.2 - 31.2 in floats)
+    if len(d) < 2 or sd <= 1e-9*max(1.0, abs(m)): p = math.nan
     else: p = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
     return dict(n_pairs=len(d), diff=m, diff_lo=lo, diff_hi=hi, p=p)
 
@@ -763,10 +786,14 @@ def plot_accuracy(self:Study, measures:list|None=None, # default: clean, every a
 
 @patch
 def plot_curves(self:Study, metric:str='robust_acc', # a key of metrics.jsonl (robust_acc: the per-epoch PGD-20 check)
-            backend:str='matplotlib', ax=None):
+            backend:str='matplotlib', ax=None,
+            cells:list|None=None, # these cells only (None: every cell)
+           ):
     "The per-epoch `metric` of every cell: mean over seeds with a ± 1 std band."
+    if cells is not None: check_list('cells', list(cells), str, choices=self.cells)
     data = {}
     for r in self.runs:
+        if cells is not None and r.cell not in cells: continue
         recs = _metric_records(self.runs_dir/r.name)
         for x in recs:
             if metric in x: data.setdefault(r.cell, {}).setdefault(x['epoch'] + 1, []).append(x[metric])
