@@ -122,10 +122,13 @@ with torch.no_grad():
     res = {k: auc(clean, det(features(v))) for k, v in tests.items()}
     res_hp = {k: auc(highpass_energy(xte), highpass_energy(v)) for k, v in tests.items()}
     train_auc = auc(det(f_clean[:1024]), det(f_adv[:1024]))
+    acc = {k: float((torch.cat([model(v[s:s + 256]).argmax(1) for s in range(0, len(v), 256)]) == yte).float().mean())
+           for k, v in {'clean': xte, **tests}.items()}  # does the attack reach the run's model at all (the transfer case)?
 print(f'held-out AUC (clean vs attacked, {a.n_test} test images): ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items())
       + f'; training AUC {train_auc:.3f}; {time.time() - t0:.0f}s', flush=True)
 print('the same pairs separated by the high-pass energy alone: ' + ', '.join(f'{k} {v:.3f}' for k, v in res_hp.items()), flush=True)
+print(f"{a.run}'s accuracy on them: " + ', '.join(f'{k} {v:.3f}' for k, v in acc.items()), flush=True)
 Path('experiments/results').mkdir(parents=True, exist_ok=True)
 with open('experiments/results/afa_detect.jsonl', 'a') as f:
-    f.write(json.dumps(dict(run=a.run, source=a.source, dual_bn=dual_bn, layer=a.layer, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, lr=a.lr, seed=a.seed, auc=res, auc_highpass=res_hp,
+    f.write(json.dumps(dict(run=a.run, source=a.source, dual_bn=dual_bn, layer=a.layer, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, lr=a.lr, seed=a.seed, auc=res, auc_highpass=res_hp, accuracy=acc,
                             train_auc=train_auc, seconds=time.time() - t0)) + '\n')
