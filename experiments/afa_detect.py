@@ -70,11 +70,12 @@ xtr, ytr = xtr[:a.n_train].float()/255, ytr[:a.n_train]
 xte, yte = xte[:a.n_test].float()/255, yte[:a.n_test]
 
 
-def features(x):
+def features(x, y=None):
+    "The hooked features of `x`; with labels `y` also the model's accuracy on `x` (from the same forward passes)."
     feats.clear()
     with torch.no_grad():
-        for s in range(0, len(x), 256): model(x[s:s + 256])
-    return torch.cat(feats)
+        pred = torch.cat([model(x[s:s + 256]).argmax(1) for s in range(0, len(x), 256)])
+    return torch.cat(feats) if y is None else (torch.cat(feats), float((pred == y).float().mean()))
 
 
 def attacked(x, y, eps, source, key):
@@ -118,12 +119,12 @@ def highpass_energy(x):
 
 
 with torch.no_grad():
-    clean = det(features(xte))
-    res = {k: auc(clean, det(features(v))) for k, v in tests.items()}
+    read = {k: features(v, yte) for k, v in {'clean': xte, **tests}.items()}  # (features, the run's accuracy: does a transferred attack reach it?)
+    clean = det(read['clean'][0])
+    res = {k: auc(clean, det(read[k][0])) for k in tests}
     res_hp = {k: auc(highpass_energy(xte), highpass_energy(v)) for k, v in tests.items()}
     train_auc = auc(det(f_clean[:1024]), det(f_adv[:1024]))
-    acc = {k: float((torch.cat([model(v[s:s + 256]).argmax(1) for s in range(0, len(v), 256)]) == yte).float().mean())
-           for k, v in {'clean': xte, **tests}.items()}  # does the attack reach the run's model at all (the transfer case)?
+    acc = {k: v[1] for k, v in read.items()}
 print(f'held-out AUC (clean vs attacked, {a.n_test} test images): ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items())
       + f'; training AUC {train_auc:.3f}; {time.time() - t0:.0f}s', flush=True)
 print('the same pairs separated by the high-pass energy alone: ' + ', '.join(f'{k} {v:.3f}' for k, v in res_hp.items()), flush=True)

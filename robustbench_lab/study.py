@@ -595,6 +595,7 @@ def _reports(study:Study, d:Path) -> list[Report]:
 @patch
 def results(self:Study) -> pd.DataFrame:
     "One row per finished run (state done): accuracies (%), worst case, hider ratio, evaluation n, checkpoint, recipe, compute seconds."
+    pct = lambda acc, n: 100*round(acc*n)/n  # from the count of correct points: the same count, the same number (reports store float32)
     rows = []
     for r in self.runs:
         d = self.runs_dir/r.name
@@ -603,7 +604,6 @@ def results(self:Study) -> pd.DataFrame:
         own = Report.load(d/'report.json')
         cfg = self.configs.get(r.name) or {}
         main = reps[0]
-        pct = lambda acc, n: 100*round(acc*n)/n  # from the count of correct points: the same count, the same number (reports store float32)
         row = dict(cell=r.cell, seed=r.seed, run=r.name, clean=pct(main.clean_accuracy, main.n))
         for rep in reps:  # a later report's columns say what sets them apart: another n, or its tag
             suffix = '' if rep is main else f' (n={rep.n})' if rep.n != main.n else f" ({rep.meta.get('tag', '')})"
