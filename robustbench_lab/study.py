@@ -602,7 +602,7 @@ def results(self:Study) -> pd.DataFrame:
         if run_status(self, r)['state'] != 'done': continue
         reps = _reports(self, d)
         own = Report.load(d/'report.json')
-        cfg = self.configs.get(r.name) or {}
+        stored = read_json(d/'config.json').get('run', {}) if (d/'config.json').exists() else {}
         main = reps[0]
         row = dict(cell=r.cell, seed=r.seed, run=r.name, clean=pct(main.clean_accuracy, main.n))
         for rep in reps:  # a later report's columns say what sets them apart: another n, or its tag
@@ -612,7 +612,7 @@ def results(self:Study) -> pd.DataFrame:
         if len(main.robust): row['worst case'] = pct(main.worst_case, main.n)
         if 'hider_ratio_adv' in own.metrics: row['hider ratio'] = own.metrics['hider_ratio_adv']
         recs = _metric_records(d)
-        row.update(n=main.n, checkpoint=main.meta.get('checkpoint', 'last'), recipe=cfg.get('preset') or '',
+        row.update(n=main.n, checkpoint=main.meta.get('checkpoint', 'last'), recipe=stored.get('preset') or (self.configs.get(r.name) or {}).get('preset') or '',
                    train_s=sum(x.get('train_seconds', 0) for x in recs), eval_s=sum(sum(rep.seconds.values()) for rep in reps))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -835,10 +835,12 @@ def main(argv:list|None=None) -> int:
     args = ap.parse_args(argv)
     try:
         is_file = Path(args.spec).suffix in ('.yaml', '.yml', '.json')
-        only_status = args.status and not (args.table or args.export)  # reads the run folders only: no validation, no data needed
-        study = (Study(args.spec, runs_dir=args.runs_dir, validate=not only_status) if is_file else
-                 Study.load(args.spec, runs_dir=args.runs_dir, validate=not only_status))
-        if not (args.status or args.table or args.export):
+        runs = not (args.status or args.table or args.export)
+        # showing reads the run folders only (no data set needed); a spec file is still checked against its runs' folders before a table
+        validate = runs or (is_file and (args.table or args.export))
+        study = (Study(args.spec, runs_dir=args.runs_dir, validate=validate) if is_file else
+                 Study.load(args.spec, runs_dir=args.runs_dir, validate=validate))
+        if runs:
             slurm = dict(kv.split('=', 1) for kv in args.slurm)
             run_study(study, executor=args.executor, parallel=args.parallel, threads=args.threads, timeout_min=args.timeout_min,
                       rerun_failed=args.rerun_failed, wait=not args.no_wait, slurm=slurm, progress=sys.stderr.isatty())
