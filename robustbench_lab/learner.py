@@ -92,7 +92,7 @@ class Schedule:
         total, step = self.epochs*spe, epoch*spe + batch
         lo, hi = self.lr/div, self.lr
         up_end = float(pct_start*total) - 1
-        if step <= up_end:
+        if step <= up_end and up_end > 0:  # (torch divides by zero at exactly 4 steps in all, where the warm-up is empty)
             p = step/up_end
             return _cos_anneal(lo, hi, p), _cos_anneal(m_hi, m_lo, p)
         p = (step - up_end)/(total - 1 - up_end)
