@@ -30,9 +30,10 @@ from .runs import RUN_SETTINGS, Run, resolve_config, speaking
 from .train import _comparable, stored_config, train
 
 # %% auto #0
-__all__ = ['SPEC_KEYS', 'STUDY_OWNS', 'RESOURCE_KEYS', 'EXECUTORS', 'DEFAULT_PARALLEL', 'INFO_COLUMNS', 'load_spec', 'Evaluation',
-           'StudyRun', 'Study', 'evaluate_run', 'CellJob', 'queued_jobs', 'run_status', 'default_parallel', 'run_study',
-           'finished_study', 'mean_ci', 'paired_difference', 'markdown', 'tex_escape', 'latex', 'main']
+__all__ = ['SPEC_KEYS', 'STUDY_OWNS', 'RESOURCE_KEYS', 'EXECUTORS', 'DEFAULT_PARALLEL', 'INFO_COLUMNS', 'KEEP_BELOW', 'load_spec',
+           'Evaluation', 'StudyRun', 'Study', 'evaluate_run', 'CellJob', 'queued_jobs', 'run_status',
+           'default_parallel', 'run_study', 'finished_study', 'mean_ci', 'paired_difference', 'markdown', 'tex_escape',
+           'latex', 'main']
 
 # %% ../nbs/15_study.ipynb #3f724688
 SPEC_KEYS = ('name', 'description', 'base', 'preset', 'cells', 'grid', 'zip', 'seeds', 'evaluate', 'baseline', 'runs_dir', 'resources')
@@ -738,10 +739,13 @@ def latex(df:pd.DataFrame, caption:str='') -> str:
     return d.style.hide(axis='index').to_latex(caption=tex_escape(caption) if caption else None, hrules=True, column_format='l'*len(d.columns))
 
 
+KEEP_BELOW = '<!-- the tables above are written by Study.export; text below this line is kept when it writes them again -->'
+
+
 @patch
 def export(self:Study, folder:str|Path, # where <name>.md and <name>.tex go
             baseline:str|dict|None=None, confidence:float=0.95, note:str='') -> tuple[Path, Path]:
-    "Write the summary and the differences as Markdown and LaTeX; returns both paths."
+    "Write the summary and the differences as Markdown and LaTeX (a Markdown file's text below `KEEP_BELOW` kept); returns both paths."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     s, d = self.summary(baseline, confidence), self.differences(baseline, confidence)
     b = baseline or self.baseline
@@ -751,7 +755,9 @@ def export(self:Study, folder:str|Path, # where <name>.md and <name>.tex go
                  '(sd); accuracies in %. Significant: p < 0.05 in a paired t-test.\n\n') + markdown(s)
     if not d.empty: md += f'\n\nPaired differences against `{b}` (same seeds), {confidence:.0%} interval, paired t-test:\n\n' + markdown(d, index=False)
     tex = latex(s, caption=f'{self.name}: mean ± half-width of the {confidence:.0%} CI (sd) over seeds') + ('\n' + latex(d.astype(str), caption=f'{self.name}: paired differences against {b}') if not d.empty else '')
-    with atomic_write(folder/f'{self.name}.md', 'w') as f: f.write(md.rstrip() + '\n')
+    old = (folder/f'{self.name}.md').read_text() if (folder/f'{self.name}.md').exists() else ''
+    kept = old.split(KEEP_BELOW, 1)[1] if KEEP_BELOW in old else '\n'  # the notes written under the tables survive a new export
+    with atomic_write(folder/f'{self.name}.md', 'w') as f: f.write(md.rstrip() + '\n\n' + KEEP_BELOW + kept)
     with atomic_write(folder/f'{self.name}.tex', 'w') as f: f.write(tex)
     return folder/f'{self.name}.md', folder/f'{self.name}.tex'
 
