@@ -9,6 +9,7 @@ BIN=$(dirname "$PY")
 mkdir -p experiments/results
 $PY benchmarks/bench_attacks.py evaluate --suite hfat --n 1000 > experiments/results/bench_evaluate_hfat.json
 $BIN/rblab-study experiments/studies/hfat.yaml
+$BIN/rblab-study experiments/studies/hfat_steps.yaml
+$BIN/rblab-study experiments/studies/dynat.yaml
 $PY experiments/f2at_cifar.py
 $PY experiments/afa_cifar.py
-$PY experiments/dynat_cifar.py
