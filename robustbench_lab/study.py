@@ -26,7 +26,7 @@ from fastcore.basics import patch
 from .core import (EXIT_INTERRUPTED, ConfigError, FolderLock, RunInterrupted, RunLocked, atomic_write, check, check_list, read_json,
                                   read_jsonl, settings)
 from .evaluate import SUITES, Report, evaluate, make_suite
-from .runs import RUN_SETTINGS, Run, resolve_config, speaking
+from .runs import RUN_SETTINGS, Run, flat_config, resolve_config, speaking
 from .train import _comparable, stored_config, train
 
 # %% auto #0
@@ -603,7 +603,7 @@ def results(self:Study) -> pd.DataFrame:
         if run_status(self, r)['state'] != 'done': continue
         reps = _reports(self, d)
         own = Report.load(d/'report.json')
-        stored = read_json(d/'config.json').get('run', {}) if (d/'config.json').exists() else {}
+        stored = flat_config(read_json(d/'config.json')) if (d/'config.json').exists() else {}  # (any config format)
         main = reps[0]
         row = dict(cell=r.cell, seed=r.seed, run=r.name, clean=pct(main.clean_accuracy, main.n))
         for rep in reps:  # a later report's columns say what sets them apart: another n, or its tag
@@ -613,7 +613,7 @@ def results(self:Study) -> pd.DataFrame:
         if len(main.robust): row['worst case'] = pct(main.worst_case, main.n)
         if 'hider_ratio_adv' in own.metrics: row['hider ratio'] = own.metrics['hider_ratio_adv']
         recs = _metric_records(d)
-        row.update(n=main.n, checkpoint=main.meta.get('checkpoint', 'last'), recipe=stored.get('preset') or (self.configs.get(r.name) or {}).get('preset') or '',
+        row.update(n=main.n, checkpoint=main.meta.get('checkpoint', 'last'), recipe=stored.get('preset') or '',
                    train_s=sum(x.get('train_seconds', 0) for x in recs), eval_s=sum(sum(rep.seconds.values()) for rep in reps))
         rows.append(row)
     return pd.DataFrame(rows)
