@@ -32,8 +32,8 @@ from .train import _comparable, stored_config, train
 # %% auto #0
 __all__ = ['SPEC_KEYS', 'STUDY_OWNS', 'RESOURCE_KEYS', 'EXECUTORS', 'DEFAULT_PARALLEL', 'INFO_COLUMNS', 'KEEP_BELOW', 'load_spec',
            'Evaluation', 'StudyRun', 'Study', 'evaluate_run', 'CellJob', 'queued_jobs', 'run_status',
-           'default_parallel', 'run_study', 'finished_study', 'mean_ci', 'paired_difference', 'markdown', 'tex_escape',
-           'latex', 'main']
+           'default_parallel', 'schedule', 'run_study', 'finished_study', 'mean_ci', 'paired_difference', 'markdown',
+           'tex_escape', 'latex', 'main']
 
 # %% ../nbs/15_study.ipynb #3f724688
 SPEC_KEYS = ('name', 'description', 'base', 'preset', 'cells', 'grid', 'zip', 'seeds', 'evaluate', 'baseline', 'runs_dir', 'resources')
@@ -450,7 +450,72 @@ def _progress_bar(total, show):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc='runs', disable=not show)
 
+# %% ../nbs/15_study.ipynb #e13f7c18
+def schedule(runs:list, # the runs to start, in order of preference (each has a .name)
+             reads:dict, # run name -> names of the runs it reads (they must have ended 'done' before it starts)
+             start, # start(run) -> dict with a 'state' ('done' when it ended well); blocks while the run runs
+             parallel:int=1, # at most this many runs at once (threads, each waiting on one job)
+             ended:dict|None=None, # run name -> state of the runs not started here (done, failed, running elsewhere, ...)
+             stopping:list|None=None, # while this list is non-empty nothing more starts (a signal handler appends to it)
+             inline:bool=False, # start each run in this thread, one after another (in-process jobs)
+             on_end=None, # called with each result as it comes
+            ) -> list[dict]:
+    "Start each run as soon as every run it reads has ended 'done' and a slot is free, the first ready in `runs` order; returns their results in that order."
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    ended, stopping = dict(ended or {}), stopping if stopping is not None else []
+    names, pending, running, results = {r.name for r in runs}, list(runs), {}, {}
+    def finish(r, res):
+        results[r.name] = res; ended[r.name] = res.get('state')
+        if on_end: on_end(res)
+    def next_ready():
+        for r in list(pending):
+            deps = reads.get(r.name, ())
+            if any(d in names and d not in ended for d in deps): continue  # a run it reads is still to run or running
+            pending.remove(r)
+            blocked = {d: ended.get(d, 'pending') for d in deps if ended.get(d) != 'done'}
+            if blocked: finish(r, dict(run=r.name, state='blocked', blocked_by=blocked)); continue
+            return r
+        return None
+    pool = None if inline else ThreadPoolExecutor(max_workers=parallel)
+    try:
+        while True:
+            while not stopping and len(running) < parallel and (r := next_ready()) is not None:
+                if inline: finish(r, start(r))
+                else: running[pool.submit(start, r)] = r
+            if not running: break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done: finish(running.pop(fut), fut.result())
+    finally:
+        if pool is not None: pool.shutdown(wait=True)
+    return [results.get(r.name, dict(run=r.name, state='pending')) for r in runs]
 
+
+def _start_order(study:Study, todo:list) -> list:
+    "Seeds first (a study stopped part-way has whole seeds); within a seed, the runs others read before the runs nobody reads."
+    readers = {}
+    for run, deps in study.depends.items():
+        for d in deps.values(): readers.setdefault(d, []).append(run)
+    height = {}
+    def h(name):  # the longest chain of runs waiting on this one
+        if name not in height: height[name] = 1 + max((h(x) for x in readers.get(name, [])), default=-1)
+        return height[name]
+    seed_at, cell_at = {s: i for i, s in enumerate(study.seeds)}, {c: i for i, c in enumerate(study.cells)}
+    return sorted(todo, key=lambda r: (seed_at[r.seed], -h(r.name), cell_at[r.cell]))
+
+
+def _blocked(study:Study, res:dict) -> dict:
+    "A run not started because a run it reads did not end well: failed (error file naming it) when that one failed, else still pending."
+    if res.get('state') != 'blocked': return res
+    failed = [d for d, st in res['blocked_by'].items() if st == 'failed']
+    why = ', '.join(f'{d} ({st})' for d, st in res['blocked_by'].items())
+    if not failed: return dict(run=res['run'], state='pending', error=f'not started: it reads {why}')
+    err = study.folder/'errors'/f"{res['run']}.json"
+    err.parent.mkdir(parents=True, exist_ok=True)
+    message = f"not started: the run it reads failed ({why}); run the study with rerun_failed=True (--rerun-failed) to run both"
+    with atomic_write(err, 'w') as f: json.dump(dict(run=res['run'], error=message, time=time.strftime('%Y-%m-%d %H:%M:%S')), f, indent=1)
+    return dict(run=res['run'], state='failed', error=message)
+
+# %% ../nbs/15_study.ipynb #cce7ae5f
 def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file), or a Study
               executor:str='local', # local | slurm | debug
               parallel:int|None=None, # at most this many runs at once (None: the spec's resources, else locally one per core or GPU; Slurm: 64)
@@ -478,24 +543,23 @@ def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file
     folder = study.folder
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder/'spec.json', 'w') as f: json.dump({**study.spec, 'runs_dir': str(study.runs_dir)}, f, indent=1)
-    todo, _ = _todo(study, rerun_failed)
+    todo, st = _todo(study, rerun_failed)
     if not todo: return study
     jobs_dir = folder/'jobs'
-    todo = sorted(todo, key=lambda r: study.wave[r.name])  # (stable: seeds still outermost within a wave)
-    waves = [[r for r in todo if study.wave[r.name] == w] for w in sorted({study.wave[r.name] for r in todo})]
+    names = {r.name for r in todo}
+    ended = {row.run: row.state for row in st.itertuples() if row.run not in names}  # the runs not started here, as they stand
+    reads = {name: list(deps.values()) for name, deps in study.depends.items()}
     if executor == 'debug':
         ex = submitit.AutoExecutor(folder=jobs_dir, cluster='debug')
         bar = _progress_bar(len(todo), progress)
-        for r in todo:
-            job = ex.submit(CellJob(str(folder), study.evaluations, threads, reraise=False), r.params)
-            job.result(); bar.update(1)
+        schedule(_start_order(study, todo), reads, lambda r: ex.submit(CellJob(str(folder), study.evaluations, threads, reraise=False), r.params).result(),
+                 ended=ended, inline=True, on_end=lambda res: (_blocked(study, res), bar.update(1)))
         bar.close()
     elif executor == 'local':
         import signal, threading
-        from concurrent.futures import ThreadPoolExecutor, as_completed
         stopping, active = [], {}
         def one(r):
-            if stopping: return dict(run=r.name, state='pending')
+            if stopping: return dict(run=r.name, state='pending')  # (a signal between the choice and the start)
             ex = submitit.AutoExecutor(folder=jobs_dir, cluster='local')
             ex.update_parameters(timeout_min=timeout_min, tasks_per_node=1, name=r.name)
             job = active[r.name] = ex.submit(CellJob(str(folder), study.evaluations, threads), r.params)
@@ -512,9 +576,9 @@ def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file
             saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             bar = _progress_bar(len(todo), progress)
-            for wave in waves:  # the runs a later wave reads have ended first
-                with ThreadPoolExecutor(max_workers=parallel) as pool:
-                    for fut in as_completed([pool.submit(one, r) for r in wave]): fut.result(); bar.update(1)
+            # a run starts once the runs it reads have ended well, not when a whole wave has: seed 0's Stage II need not wait for seed 2's Stage I
+            schedule(_start_order(study, todo), reads, one, parallel, ended=ended, stopping=stopping,
+                     on_end=lambda res: (_blocked(study, res), bar.update(1)))
             bar.close()
         finally:
             for sig, h in saved.items(): signal.signal(sig, h)
@@ -526,7 +590,7 @@ def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file
         cpus = threads or int(slurm.pop('cpus_per_task', 1))  # `threads` wins over a cpus_per_task among the Slurm parameters
         slurm.pop('cpus_per_task', None)
         groups = {}  # one job array per (wave, processes, GPU) shape; every executor configured (and refused) before any submission
-        for r in todo:
+        for r in sorted(todo, key=lambda r: study.wave[r.name]):
             cuda = str(r.params.get('device', 'cpu')).startswith('cuda')
             groups.setdefault((study.wave[r.name], study.configs[r.name]['nproc'], cuda), []).append(r)
         arrays = []

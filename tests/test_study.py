@@ -260,3 +260,26 @@ def test_sigterm_stops_a_local_study_at_a_checkpointed_step_and_a_rerun_finishes
     assert list(study.status().state) == ['done', 'done']
     ref = _train_1_thread(**{**study.runs[0].params, 'run_name': 'reference', 'runs_dir': str(tmp_path/'ref')}, progress=False)
     assert _same(ref.dir, first)
+
+
+def test_a_failed_run_keeps_only_the_runs_that_read_it_from_starting_and_rerun_failed_runs_both(tmp_path, monkeypatch):
+    import robustbench_lab.study as S
+    runs = tmp_path/'runs'
+    spec = dict(name='dep', base=dict(TINY, epochs=1, method='afa', afa_K=2), seeds=[0, 1],
+                cells=[dict(label='Stage I', afa_stage=1), dict(label='Stage II', afa_stage=2, afa_from='{cell:Stage I}')])
+    real, calls = S.train, []
+    def train_failing_s0_stage1(**p):
+        calls.append(p['run_name'])
+        if p['run_name'] == 'dep-Stage_I-s0': raise RuntimeError('out of memory (simulated)')
+        return real(**p)
+    monkeypatch.setattr(S, 'train', train_failing_s0_stage1)
+    study = run_study(spec, executor='debug', runs_dir=runs, progress=False)
+    st = study.status().set_index('run')
+    assert calls == ['dep-Stage_I-s0', 'dep-Stage_I-s1', 'dep-Stage_II-s1']  # seed 0's Stage II never started; seed 1 went on
+    assert st.loc['dep-Stage_I-s0', 'state'] == 'failed' and 'out of memory' in st.loc['dep-Stage_I-s0', 'error']
+    assert st.loc['dep-Stage_II-s0', 'state'] == 'failed' and 'dep-Stage_I-s0 (failed)' in st.loc['dep-Stage_II-s0', 'error']
+    assert not (runs/'dep-Stage_II-s0').exists() and st.loc['dep-Stage_II-s1', 'state'] == 'done'
+    calls.clear(); run_study(spec, executor='debug', runs_dir=runs, progress=False)
+    assert calls == []  # failed runs stay failed until asked
+    monkeypatch.setattr(S, 'train', real)
+    assert run_study(spec, executor='debug', runs_dir=runs, progress=False, rerun_failed=True).status().state.eq('done').all()
