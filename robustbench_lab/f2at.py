@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -17,15 +20,16 @@ import torch.nn.functional as F
 
 from . import distributed
 from .attacks import PGD, attack_mode
-from .core import ConfigError, check, first_nonfinite, random_scope, shared_generator
+from .core import ConfigError, FolderLock, RunLocked, check, describe_holder, first_nonfinite, random_scope, shared_generator
 from .methods import Method, register_method
 from .models import no_bn_update
 from .objectives import CIFAR10, register_preset
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'MODES', 'F2AT_LOGITS_UNSTABLE', 'quantize', 'bitplanes', 'split_patterns', 'ResidualHead', 'LocalNet',
-           'GlobalNet', 'MIEstimator', 'hard_margin_loss', 'soft_margin_loss', 'pattern_dependent_loss',
-           'representation', 'pretrain_estimators', 'F2AT', 'save_estimators', 'load_estimators', 'run_estimators']
+__all__ = ['ABLATIONS', 'MODES', 'F2AT_LOGITS_UNSTABLE', 'ESTIMATOR_CACHE_FORMAT', 'quantize', 'bitplanes', 'split_patterns',
+           'ResidualHead', 'LocalNet', 'GlobalNet', 'MIEstimator', 'hard_margin_loss', 'soft_margin_loss',
+           'pattern_dependent_loss', 'representation', 'pretrain_estimators', 'F2AT', 'save_estimators',
+           'load_estimators', 'estimators_key', 'shared_estimators', 'run_estimators']
 
 # %% ../nbs/13_f2at.ipynb #9074d710
 def quantize(x:torch.Tensor) -> torch.Tensor:
@@ -380,6 +384,56 @@ F2AT_LOGITS_UNSTABLE = ("f2at_source = 'logits' is unstable: with the MI estimat
                         "the default estimator input is 'features'")
 
 
+ESTIMATOR_CACHE_FORMAT = 1  # raise when the pre-training's code changes: estimators kept before are not read again
+
+
+def estimators_key(model:nn.Module, # the source network (its weights are part of the key)
+                   settings:dict, # every other input of the pre-training (data, seed, K, attack, units, epochs, batch, device type)
+                  ) -> str:
+    "The identity of a set of pre-trained estimators: sha256 over the settings and the source network's weights (16 hex digits)."
+    import hashlib
+    h = hashlib.sha256(json.dumps({**settings, 'format': ESTIMATOR_CACHE_FORMAT}, sort_keys=True, default=str).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shared_estimators(cache:Path, # <source run>/cache/f2at-estimators-<key>.pt
+                      pretrain:Callable, # () -> (est_nat, est_pert, dv_history): the collective pre-training
+                      poll_s:float=5.0, # while another process pre-trains them, look this often
+                     ) -> tuple:
+    "(est_nat, est_pert, dv_history, reused): the estimators of `cache` when a run has pre-trained them, else pre-trained here and kept there."
+    if distributed.world_size() > 1:  # a group never waits on another process (its collectives would time out): read, or pre-train
+        if distributed.gather_objects(cache.exists())[0]:
+            distributed.check_shared(cache)
+            en, ep, meta = load_estimators(cache)
+            return en, ep, meta.get('dv_history', []), True
+        en, ep, hist = pretrain()
+        if distributed.is_main():
+            try:
+                with FolderLock(cache):
+                    if not cache.exists(): save_estimators(cache, en, ep, dv_history=hist)
+            except RunLocked: pass  # another run is writing the same estimators
+        return en, ep, hist, False
+    lock, said = FolderLock(cache), False
+    while True:  # one process pre-trains a source's estimators; the others that need the same ones wait and read them
+        try: lock.acquire(); break
+        except RunLocked:
+            if not said:
+                print(f'f2at: {cache}: another process is pre-training these estimators ({describe_holder(FolderLock.holder(cache) or {})}); '
+                      'waiting to read them', file=sys.stderr, flush=True)
+                said = True
+            time.sleep(poll_s)
+    try:
+        if cache.exists():
+            en, ep, meta = load_estimators(cache)
+            return en, ep, meta.get('dv_history', []), True
+        en, ep, hist = pretrain()
+        save_estimators(cache, en, ep, dv_history=hist)
+        return en, ep, hist, False
+    finally: lock.release()
+
+
 def run_estimators(ctx, # the run's BuildContext
                    estimators, source_run, source_epochs, est_epochs, units, est_batch, # F2AT.build's settings
                    params:dict, # F2AT's other settings
@@ -409,10 +463,15 @@ def run_estimators(ctx, # the run's BuildContext
                     'pad_mode', 'nproc', 'sync_bn', 'backend')
             src = ctx.train(**{k: c[k] for k in keys}, method='standard', objective='pgdat', epochs=source_epochs or c['epochs'],
                             suite='monitor', n_report=c['n_eval'], run_name=f"{c['run_name']}.source", runs_dir=c['runs_dir'], resume='auto')
-        en, ep, hist = pretrain_everywhere(src.model(device=ctx.device), est_epochs)
+        model = src.model(device=ctx.device)
+        settings = dict(dataset=c['dataset'], n_train=c['n_train'], seed=c['seed'], K=params['K'], eps=params['eps'], steps=params['steps'],
+                        units=units, source=params['source'], epochs=est_epochs, batch_size=est_batch, device=ctx.device.type)
+        cache = src.dir/'cache'/f'f2at-estimators-{estimators_key(model, settings)}.pt'
+        en, ep, hist, reused = shared_estimators(cache, lambda: pretrain_everywhere(model, est_epochs))
         if distributed.is_main():
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
-            save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=params['K'], source=params['source'])
+            save_estimators(path, en, ep, source_run=str(src.dir), dv_history=hist, K=params['K'], source=params['source'],
+                            cache=str(cache), reused=reused)
         return en, ep, pretrain
     distributed.check_shared(path)  # every process reads them
     en, ep, meta = load_estimators(path)

@@ -304,3 +304,28 @@ def test_pd_loss_reaches_the_model_not_the_frozen_estimators():
     assert any(not torch.allclose(a, b) for a, b in zip(grads[0.5], grads[0.0]))
     assert torch.isclose(pattern_dependent_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]), tau=1.0),
                          -1.5 + torch.log(torch.tensor(2.0)))
+
+
+def test_f2at_runs_on_one_source_pretrain_their_estimators_once_and_a_run_reading_them_is_bit_identical(tmp_path):
+    "SAT, F²AT frozen and online on one source at one seed share one pre-training (the source's cache/); reading it changes no bit."
+    from robustbench_lab.f2at import load_estimators
+    from robustbench_lab.learner import load_checkpoint
+    from robustbench_lab.train import train
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    try:
+        base = dict(dataset='digits', arch='small_cnn', width=8, n_train=256, epochs=1, batch_size=64, lr=0.05, n_eval=32, n_report=32,
+                    steps=2, runs_dir=str(tmp_path), progress=False)
+        src = train(**base, method='standard', objective='pgdat', run_name='src')
+        f2 = dict(base, method='f2at', f2at_source_run=str(src.dir), f2at_units=16, f2at_est_epochs=2, f2at_est_batch=128)
+        first = train(**f2, run_name='frozen')
+        again = train(**f2, run_name='frozen-again')
+        sat = train(**f2, f2at_alpha=0.0, f2at_gamma=0.0, run_name='sat')
+        other = train(**{**f2, 'f2at_units': 8}, run_name='units8')
+    finally: torch.set_num_threads(n)
+    kept = sorted((src.dir/'cache').glob('f2at-estimators-*.pt'))
+    assert len(kept) == 2  # one per set of pre-training settings (16 and 8 units)
+    metas = {r.name: load_estimators(r.dir/'estimators.pt')[2] for r in (first, again, sat, other)}
+    assert [metas[k]['reused'] for k in ('frozen', 'frozen-again', 'sat', 'units8')] == [False, True, True, False]
+    assert metas['frozen']['cache'] == metas['sat']['cache'] != metas['units8']['cache']
+    a, b = (load_checkpoint(r.dir/'checkpoints'/'last.pt')['model'] for r in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # read or pre-trained: the same run
