@@ -32,8 +32,8 @@ from .train import _comparable, stored_config, train
 # %% auto #0
 __all__ = ['SPEC_KEYS', 'STUDY_OWNS', 'RESOURCE_KEYS', 'EXECUTORS', 'DEFAULT_PARALLEL', 'INFO_COLUMNS', 'KEEP_BELOW', 'load_spec',
            'Evaluation', 'StudyRun', 'Study', 'evaluate_run', 'CellJob', 'queued_jobs', 'run_status',
-           'default_parallel', 'schedule', 'run_study', 'finished_study', 'mean_ci', 'paired_difference', 'markdown',
-           'tex_escape', 'latex', 'main']
+           'default_parallel', 'bounded_pool', 'run_study', 'finished_study', 'mean_ci', 'paired_difference',
+           'markdown', 'tex_escape', 'latex', 'main']
 
 # %% ../nbs/15_study.ipynb #3f724688
 SPEC_KEYS = ('name', 'description', 'base', 'preset', 'cells', 'grid', 'zip', 'seeds', 'evaluate', 'baseline', 'runs_dir', 'resources')
@@ -451,7 +451,7 @@ def _progress_bar(total, show):
     return tqdm(total=total, desc='runs', disable=not show)
 
 # %% ../nbs/15_study.ipynb #e13f7c18
-def schedule(runs:list, # the runs to start, in order of preference (each has a .name)
+def bounded_pool(runs:list, # the runs to start, in order of preference (each has a .name)
              reads:dict, # run name -> names of the runs it reads (they must have ended 'done' before it starts)
              start, # start(run) -> dict with a 'state' ('done' when it ended well); blocks while the run runs
              parallel:int=1, # at most this many runs at once (threads, each waiting on one job)
@@ -460,7 +460,7 @@ def schedule(runs:list, # the runs to start, in order of preference (each has a 
              inline:bool=False, # start each run in this thread, one after another (in-process jobs)
              on_end=None, # called with each result as it comes
             ) -> list[dict]:
-    "Start each run as soon as every run it reads has ended 'done' and a slot is free, the first ready in `runs` order; returns their results in that order."
+    "A bounded pool that submits each run once every run it reads has ended 'done' (the first ready in `runs` order); their results in that order."
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     ended, stopping = dict(ended or {}), stopping if stopping is not None else []
     names, pending, running, results = {r.name for r in runs}, list(runs), {}, {}
@@ -552,7 +552,7 @@ def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file
     if executor == 'debug':
         ex = submitit.AutoExecutor(folder=jobs_dir, cluster='debug')
         bar = _progress_bar(len(todo), progress)
-        schedule(_start_order(study, todo), reads, lambda r: ex.submit(CellJob(str(folder), study.evaluations, threads, reraise=False), r.params).result(),
+        bounded_pool(_start_order(study, todo), reads, lambda r: ex.submit(CellJob(str(folder), study.evaluations, threads, reraise=False), r.params).result(),
                  ended=ended, inline=True, on_end=lambda res: (_blocked(study, res), bar.update(1)))
         bar.close()
     elif executor == 'local':
@@ -577,7 +577,7 @@ def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file
         try:
             bar = _progress_bar(len(todo), progress)
             # a run starts once the runs it reads have ended well, not when a whole wave has: seed 0's Stage II need not wait for seed 2's Stage I
-            schedule(_start_order(study, todo), reads, one, parallel, ended=ended, stopping=stopping,
+            bounded_pool(_start_order(study, todo), reads, one, parallel, ended=ended, stopping=stopping,
                      on_end=lambda res: (_blocked(study, res), bar.update(1)))
             bar.close()
         finally:
