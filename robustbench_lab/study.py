@@ -452,39 +452,46 @@ def _progress_bar(total, show):
 
 # %% ../nbs/15_study.ipynb #e13f7c18
 def bounded_pool(runs:list, # the runs to start, in order of preference (each has a .name)
-             reads:dict, # run name -> names of the runs it reads (they must have ended 'done' before it starts)
-             start, # start(run) -> dict with a 'state' ('done' when it ended well); blocks while the run runs
-             parallel:int=1, # at most this many runs at once (threads, each waiting on one job)
-             ended:dict|None=None, # run name -> state of the runs not started here (done, failed, running elsewhere, ...)
-             stopping:list|None=None, # while this list is non-empty nothing more starts (a signal handler appends to it)
-             inline:bool=False, # start each run in this thread, one after another (in-process jobs)
-             on_end=None, # called with each result as it comes
-            ) -> list[dict]:
+                 reads:dict, # run name -> names of the runs it reads (they must have ended 'done' before it starts)
+                 start, # start(run) -> dict with a 'state' ('done' when it ended well); blocks while the run runs
+                 parallel:int=1, # at most this many runs at once (threads, each waiting on one job)
+                 ended:dict|None=None, # run name -> state of the runs not started here (done, failed, running (pid ...) elsewhere, ...)
+                 stopping:list|None=None, # while this list is non-empty nothing more starts (a signal handler appends to it)
+                 inline:bool=False, # start each run in this thread, one after another (in-process jobs)
+                 on_end=None, # called with each result as it comes
+                 state_of=None, # run name -> its state now: a run it reads that another process runs is looked at until it ends (None: not waited for)
+                 poll_s:float=10.0, # how often to look at such runs
+                ) -> list[dict]:
     "A bounded pool that submits each run once every run it reads has ended 'done' (the first ready in `runs` order); their results in that order."
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     ended, stopping = dict(ended or {}), stopping if stopping is not None else []
     names, pending, running, results = {r.name for r in runs}, list(runs), {}, {}
+    elsewhere = lambda st: state_of is not None and isinstance(st, str) and st.startswith(('running', 'queued'))
     def finish(r, res):
         results[r.name] = res; ended[r.name] = res.get('state')
         if on_end: on_end(res)
     def next_ready():
         for r in list(pending):
             deps = reads.get(r.name, ())
-            if any(d in names and d not in ended for d in deps): continue  # a run it reads is still to run or running
+            if any((d in names and d not in ended) or elsewhere(ended.get(d)) for d in deps): continue  # still to run, or running
             pending.remove(r)
             blocked = {d: ended.get(d, 'pending') for d in deps if ended.get(d) != 'done'}
             if blocked: finish(r, dict(run=r.name, state='blocked', blocked_by=blocked)); continue
             return r
         return None
+    def awaited(): return {d for r in pending for d in reads.get(r.name, ()) if elsewhere(ended.get(d))}
     pool = None if inline else ThreadPoolExecutor(max_workers=parallel)
     try:
         while True:
             while not stopping and len(running) < parallel and (r := next_ready()) is not None:
                 if inline: finish(r, start(r))
                 else: running[pool.submit(start, r)] = r
-            if not running: break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done: finish(running.pop(fut), fut.result())
+            if running:
+                done, _ = wait(running, timeout=poll_s if awaited() else None, return_when=FIRST_COMPLETED)
+                for fut in done: finish(running.pop(fut), fut.result())
+            elif stopping or not awaited(): break
+            else: time.sleep(poll_s)  # only runs another process holds are left to wait for
+            for d in awaited(): ended[d] = state_of(d)
     finally:
         if pool is not None: pool.shutdown(wait=True)
     return [results.get(r.name, dict(run=r.name, state='pending')) for r in runs]
@@ -549,11 +556,13 @@ def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file
     names = {r.name for r in todo}
     ended = {row.run: row.state for row in st.itertuples() if row.run not in names}  # the runs not started here, as they stand
     reads = {name: list(deps.values()) for name, deps in study.depends.items()}
+    by_name = {r.name: r for r in study.runs}
     if executor == 'debug':
         ex = submitit.AutoExecutor(folder=jobs_dir, cluster='debug')
         bar = _progress_bar(len(todo), progress)
         bounded_pool(_start_order(study, todo), reads, lambda r: ex.submit(CellJob(str(folder), study.evaluations, threads, reraise=False), r.params).result(),
-                 ended=ended, inline=True, on_end=lambda res: (_blocked(study, res), bar.update(1)))
+                     ended=ended, inline=True, on_end=lambda res: (_blocked(study, res), bar.update(1)),
+                     state_of=lambda name: run_status(study, by_name[name])['state'])
         bar.close()
     elif executor == 'local':
         import signal, threading
@@ -578,7 +587,7 @@ def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file
             bar = _progress_bar(len(todo), progress)
             # a run starts once the runs it reads have ended well, not when a whole wave has: seed 0's Stage II need not wait for seed 2's Stage I
             bounded_pool(_start_order(study, todo), reads, one, parallel, ended=ended, stopping=stopping,
-                     on_end=lambda res: (_blocked(study, res), bar.update(1)))
+                         on_end=lambda res: (_blocked(study, res), bar.update(1)), state_of=lambda name: run_status(study, by_name[name])['state'])
             bar.close()
         finally:
             for sig, h in saved.items(): signal.signal(sig, h)

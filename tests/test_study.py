@@ -283,3 +283,21 @@ def test_a_failed_run_keeps_only_the_runs_that_read_it_from_starting_and_rerun_f
     assert calls == []  # failed runs stay failed until asked
     monkeypatch.setattr(S, 'train', real)
     assert run_study(spec, executor='debug', runs_dir=runs, progress=False, rerun_failed=True).status().state.eq('done').all()
+
+
+def test_a_second_study_process_adds_a_worker_and_a_run_waits_for_its_input_trained_by_the_other(tmp_path):
+    runs = tmp_path/'runs'
+    spec = dict(name='two', base=dict(TINY, epochs=2, method='afa', afa_K=2), seeds=[0],
+                cells=[dict(label='Stage I', afa_stage=1), dict(label='Stage II', afa_stage=2, afa_from='{cell:Stage I}')])
+    study = Study(spec, runs_dir=runs)
+    first = study.runs[0].params
+    args = [sys.executable, '-m', 'robustbench_lab.train'] + [a for k, v in {**first, 'progress': False}.items() for a in (f'--{k}', str(v))]
+    other = subprocess.Popen(args, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while FolderLock.holder(runs/'two-Stage_I-s0') is None and other.poll() is None and time.time() - t0 < 60: time.sleep(0.05)
+    assert other.poll() is None, other.communicate()  # the other process trains Stage I
+    run_study(spec, executor='debug', runs_dir=runs, progress=False)  # Stage II waits for it, then runs here
+    assert other.wait(timeout=300) == 0
+    st = study.status()
+    assert list(st.state) == ['done', 'done'], st.to_string()
+    assert (runs/'two-Stage_II-s0'/'config.json').stat().st_mtime >= (runs/'two-Stage_I-s0'/'report.json').stat().st_mtime
