@@ -11,5 +11,5 @@ $PY benchmarks/bench_attacks.py evaluate --suite hfat --n 1000 > experiments/res
 $BIN/rblab-study experiments/studies/hfat.yaml
 $BIN/rblab-study experiments/studies/hfat_steps.yaml
 $BIN/rblab-study experiments/studies/dynat.yaml
-$PY experiments/f2at_cifar.py
+$BIN/rblab-study experiments/studies/f2at.yaml
 $PY experiments/afa_cifar.py

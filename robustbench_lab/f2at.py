@@ -380,7 +380,7 @@ def load_estimators(path) -> tuple[MIEstimator, MIEstimator, dict]:
 
 # %% ../nbs/13_f2at.ipynb #4b662527
 F2AT_LOGITS_UNSTABLE = ("f2at_source = 'logits' is unstable: with the MI estimators on the logits, the small-scale CIFAR-10 comparison "
-                        "(experiments/f2at_cifar.py: small_cnn, 5,000 images, 8 epochs) collapsed to 10.0% clean accuracy, chance; "
+                        "of issue 8 (small_cnn, 5,000 images, 8 epochs) collapsed to 10.0% clean accuracy, chance; "
                         "the default estimator input is 'features'")
 
 
