@@ -510,17 +510,14 @@ def _start_order(study:Study, todo:list) -> list:
     return sorted(todo, key=lambda r: (seed_at[r.seed], -h(r.name), cell_at[r.cell]))
 
 
-def _blocked(study:Study, res:dict) -> dict:
-    "A run not started because a run it reads did not end well: failed (error file naming it) when that one failed, else still pending."
-    if res.get('state') != 'blocked': return res
-    failed = [d for d, st in res['blocked_by'].items() if st == 'failed']
+def _blocked(study:Study, res:dict):
+    "A run not started because a run it reads failed gets an error file naming that run (status: failed); one whose input did not finish stays pending."
+    if res.get('state') != 'blocked' or 'failed' not in res['blocked_by'].values(): return
     why = ', '.join(f'{d} ({st})' for d, st in res['blocked_by'].items())
-    if not failed: return dict(run=res['run'], state='pending', error=f'not started: it reads {why}')
     err = study.folder/'errors'/f"{res['run']}.json"
     err.parent.mkdir(parents=True, exist_ok=True)
     message = f"not started: the run it reads failed ({why}); run the study with rerun_failed=True (--rerun-failed) to run both"
     with atomic_write(err, 'w') as f: json.dump(dict(run=res['run'], error=message, time=time.strftime('%Y-%m-%d %H:%M:%S')), f, indent=1)
-    return dict(run=res['run'], state='failed', error=message)
 
 # %% ../nbs/15_study.ipynb #cce7ae5f
 def run_study(spec:dict|str|Path|Study, # the spec (a dict or a .yaml/.json file), or a Study
