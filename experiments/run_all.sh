@@ -1,6 +1,9 @@
 #!/bin/bash
-# The small-scale comparisons of issues 5-8 and the evaluate-cost benchmark of issue 3, one after another
-# (never in parallel: two jobs on two cores distort every timing). About 1.5-2 hours on 2 CPU cores.
+# The evaluate-cost benchmark of issue 3, then the five 3-seed studies of issue 27, one after another. Each study runs
+# rblab-study's default of one single-thread run per core. The studies' runs took about 14 job-hours when measured
+# (2026-12-07, with one to three jobs sharing the 2 cores), so roughly 7-8 hours of wall time on 2 CPU cores. Never start
+# a second copy beside it, because it would share the cores and distort every timing. A stopped study resumes when
+# it is run again.
 set -e
 cd "$(dirname "$0")/.."
 export RBLAB_DATA=${RBLAB_DATA:-../shared/data}
@@ -12,4 +15,4 @@ $BIN/rblab-study experiments/studies/hfat.yaml
 $BIN/rblab-study experiments/studies/hfat_steps.yaml
 $BIN/rblab-study experiments/studies/dynat.yaml
 $BIN/rblab-study experiments/studies/f2at.yaml
-$PY experiments/afa_cifar.py
+$BIN/rblab-study experiments/studies/afa.yaml
